@@ -1,0 +1,1 @@
+"""The `starmesh` command line."""

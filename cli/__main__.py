@@ -1,0 +1,3 @@
+from starmesh.cli.main import main
+
+main()

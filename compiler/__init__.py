@@ -1,0 +1,1 @@
+"""Policy compiler: Starlark policy files -> validated Spec -> canonical Bundle."""

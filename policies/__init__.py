@@ -1,0 +1,1 @@
+"""The Starlark library shipped with starmesh, loaded as `@starmesh//NAME.star`."""

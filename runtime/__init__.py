@@ -1,0 +1,1 @@
+"""starmesh.runtime."""
