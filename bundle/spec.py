@@ -52,7 +52,7 @@ class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Base for every spec type: immutable, strict on decode."""
 
 
-class SourceLocation(_Frozen):
+class SourceLocation(_Frozen, frozen=True):
     """Where a policy object was declared: path relative to the policy root, 1-based."""
 
     file: str
@@ -63,20 +63,20 @@ class SourceLocation(_Frozen):
         return f"{self.file}:{self.line}:{self.col}"
 
 
-class Tracing(_Frozen):
+class Tracing(_Frozen, frozen=True):
     """Trace sampling for the whole mesh."""
 
     sample_percent: Percent = 1
 
 
-class AccessLog(_Frozen):
+class AccessLog(_Frozen, frozen=True):
     """Access logging for every proxy; lines beyond the rate are dropped and counted."""
 
     enabled: bool = True
     max_lines_per_second: int = 100
 
 
-class Rollout(_Frozen):
+class Rollout(_Frozen, frozen=True):
     """How a new release is staged: canary share of proxies, bake time, tolerated failures."""
 
     canary_percent: Percent = 0
@@ -84,7 +84,7 @@ class Rollout(_Frozen):
     max_failures: int = 0
 
 
-class MeshConfig(_Frozen):
+class MeshConfig(_Frozen, frozen=True):
     """Mesh-wide settings from `mesh(...)`."""
 
     name: str
@@ -95,7 +95,7 @@ class MeshConfig(_Frozen):
     rollout: Rollout = Rollout()
 
 
-class Retries(_Frozen):
+class Retries(_Frozen, frozen=True):
     """Retry policy. `attempts` counts retries after the first try."""
 
     attempts: int = 2
@@ -104,7 +104,7 @@ class Retries(_Frozen):
     budget_percent: Percent = 20
 
 
-class CircuitBreaker(_Frozen):
+class CircuitBreaker(_Frozen, frozen=True):
     """Caps on concurrent connections, queued requests and active requests to a service."""
 
     max_connections: int = 1024
@@ -112,7 +112,7 @@ class CircuitBreaker(_Frozen):
     max_requests: int = 1024
 
 
-class OutlierDetection(_Frozen):
+class OutlierDetection(_Frozen, frozen=True):
     """Eject an endpoint after consecutive 5xx; ejection time grows with each ejection."""
 
     consecutive_5xx: int = 5
@@ -121,21 +121,21 @@ class OutlierDetection(_Frozen):
     max_ejection_percent: Percent = 50
 
 
-class RateLimit(_Frozen):
+class RateLimit(_Frozen, frozen=True):
     """Token bucket per receiving proxy; `burst` is the bucket size (starts full)."""
 
     requests_per_second: Percent
     burst: int
 
 
-class StringMatch(_Frozen):
+class StringMatch(_Frozen, frozen=True):
     """A header or query value condition: exact text, a full-match regex, or presence."""
 
     kind: Literal["exact", "regex", "present"]
     value: str | None = None
 
 
-class Match(_Frozen):
+class Match(_Frozen, frozen=True):
     """All given fields must hold (AND). Path matches ignore the query string."""
 
     path_exact: str | None = None
@@ -146,7 +146,7 @@ class Match(_Frozen):
     query: dict[str, StringMatch] = {}
 
 
-class Fault(_Frozen):
+class Fault(_Frozen, frozen=True):
     """Injected delay and/or abort, each drawn independently per request."""
 
     delay_ms: int | None = None
@@ -155,14 +155,14 @@ class Fault(_Frozen):
     abort_percent: Percent = 0
 
 
-class Mirror(_Frozen):
+class Mirror(_Frozen, frozen=True):
     """Fire-and-forget copy of a share of requests to another version."""
 
     version: str
     percent: Percent = 100
 
 
-class Rule(_Frozen):
+class Rule(_Frozen, frozen=True):
     """One routing rule. Empty `match` matches everything; `backends` None = all endpoints."""
 
     match: tuple[Match, ...] = ()
@@ -175,7 +175,7 @@ class Rule(_Frozen):
     remove_request_headers: tuple[str, ...] = ()
 
 
-class Service(_Frozen):
+class Service(_Frozen, frozen=True):
     """A service, its versions and its resilience policy."""
 
     port: int = 80
@@ -190,7 +190,7 @@ class Service(_Frozen):
     mtls: MtlsMode | None = None
 
 
-class Allow(_Frozen):
+class Allow(_Frozen, frozen=True):
     """An authorization rule: every given field must hold; None means any."""
 
     sources: tuple[str, ...] | None = None
@@ -198,14 +198,14 @@ class Allow(_Frozen):
     paths: tuple[str, ...] | None = None
 
 
-class Authorization(_Frozen):
+class Authorization(_Frozen, frozen=True):
     """Requests to the service are denied unless an `allow` admits them."""
 
     rules: tuple[Allow, ...] = ()
     mode: AuthorizationMode = "enforce"
 
 
-class RequestTest(_Frozen):
+class RequestTest(_Frozen, frozen=True):
     """A golden request kept in the policy repo and checked against the route table."""
 
     name: str
@@ -219,7 +219,7 @@ class RequestTest(_Frozen):
     status: int | None = None
 
 
-class Spec(_Frozen):
+class Spec(_Frozen, frozen=True):
     """The whole compiled policy.
 
     `source_map` maps a policy object's key to where it was declared:
