@@ -223,7 +223,7 @@ class Spec(_Frozen, frozen=True):
     """The whole compiled policy.
 
     `source_map` maps a policy object's key to where it was declared:
-    `mesh`, `service/<name>`, `route/<service>/<index>`, `authorization/<service>`,
+    `mesh`, `service/<name>`, `http_route/<service>`, `route/<service>/<index>`, `authorization/<service>`,
     `authorization/<service>/<index>`, `request_test/<name>`. It is for explanation
     only: the semantic diff ignores it.
     """
