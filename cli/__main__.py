@@ -1,3 +1,3 @@
 from starmesh.cli.main import main
 
-main()
+main(prog_name="starmesh")
