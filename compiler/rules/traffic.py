@@ -13,7 +13,9 @@ reported; nor when a rule names an undeclared version (SM304), which is usually 
 dead version misspelt.
 
 SM410: a fault that aborts or delays every request (abort_percent or delay_percent of
-100), which is usually an experiment left on by mistake.
+100 on a catch-all rule), which is usually an experiment left on by mistake. A 100%
+fault behind a narrower match (a test user's header, say) is a deliberate experiment
+and is not reported.
 
 SM413: settings that do nothing: a mirror with percent 0, a fault delay with
 delay_percent 0 or an abort_status with abort_percent 0.
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 
 from starmesh.compiler.diagnostics import Finding
 from starmesh.compiler.durations import format_duration
+from starmesh.compiler.rules.shadowing import is_catch_all
 from starmesh.compiler.rules.context import LintContext, quoted, route_key, service_key
 
 __all__ = ["dead_versions", "fault_everything", "mirror_to_live_version", "no_op_settings"]
@@ -85,7 +88,7 @@ def fault_everything(ctx: LintContext) -> Iterator[Finding]:
     for name in sorted(ctx.spec.routes):
         for index, rule in enumerate(ctx.spec.routes[name]):
             fault = rule.fault
-            if fault is None:
+            if fault is None or not is_catch_all(rule):
                 continue
             what: list[str] = []
             if fault.abort_status is not None and fault.abort_percent >= 100:
@@ -97,7 +100,7 @@ def fault_everything(ctx: LintContext) -> Iterator[Finding]:
                     "SM410",
                     route_key(name, index),
                     f"fault on rules[{index}] of http_route {quoted(name)} {' and '.join(what)}",
-                    "if this is an experiment, give it a smaller percent or a narrower match; otherwise remove it",
+                    "if this is an experiment, give it a smaller percent or put it behind a narrower match (e.g. a test user's header); otherwise remove it",
                 )
 
 

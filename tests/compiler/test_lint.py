@@ -438,14 +438,19 @@ def test_sm410_fault_on_every_request() -> None:
         services={"svc": Service()},
         routes={
             "svc": (
-                Rule(match=(Match(path_prefix="/a/"),), fault=Fault(abort_status=503, abort_percent=100)),
-                Rule(match=(Match(path_prefix="/b/"),), fault=Fault(delay_ms=2000, delay_percent=100)),
-                Rule(fault=Fault(delay_ms=2000, delay_percent=10, abort_status=500, abort_percent=99.5)),
+                # Behind a test user's header: a deliberate experiment, not reported.
+                Rule(
+                    match=(Match(headers={"end-user": StringMatch(kind="exact", value="chaos")}),),
+                    fault=Fault(abort_status=503, abort_percent=100),
+                ),
+                Rule(match=(Match(path_prefix="/b/"),), fault=Fault(delay_ms=2000, delay_percent=10)),
+                Rule(fault=Fault(delay_ms=2000, delay_percent=100, abort_status=500, abort_percent=100)),
             )
         },
     )
-    assert found(spec) == [("SM410", "route/svc/0"), ("SM410", "route/svc/1")]
-    assert "2s" in lint_spec(spec)[1].message
+    assert found(spec) == [("SM410", "route/svc/2")]
+    message = lint_spec(spec)[0].message
+    assert "2s" in message and "aborts every request with 500" in message
 
 
 def test_sm415_no_op_mirror_and_fault() -> None:
