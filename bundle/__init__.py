@@ -1,2 +1,102 @@
 """The shared contract: bundle and release types, canonical encoding, the DSSE
-envelope and the decision engine. It imports no stage (compiler, runtime, reconciler)."""
+envelope and the decision engine. It imports no stage (compiler, runtime, reconciler).
+
+The names below are the public surface; submodules hold the details:
+`spec` (the policy types), `canonical` (bytes and digests), `decide` (the one
+implementation of "where does this request go, and is it allowed"), `golden` (golden
+requests), `keys`/`dsse`/`release` (signed releases), `errors` (the exception tree).
+"""
+
+# Names resolve on first use (PEP 562), so importing one submodule (the proxy's
+# `starmesh.bundle.spec`, the evaluation worker) does not import the whole package.
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starmesh.bundle.canonical import (
+        API_VERSION,
+        Bundle,
+        BundleSource,
+        decode_bundle,
+        digest_of,
+        encode_bundle,
+        encode_canonical,
+        is_digest,
+    )
+    from starmesh.bundle.decide import Decision, DecisionTable, RequestInfo, UnknownService
+    from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, sign_envelope, verify_envelope
+    from starmesh.bundle.errors import BundleError, ReleaseRejected, SignatureError
+    from starmesh.bundle.golden import RequestTestFailure, run_request_tests
+    from starmesh.bundle.release import Release, VerifiedRelease, issue_release, verify_release
+    from starmesh.bundle.spec import Spec
+
+__all__ = [
+    "API_VERSION",
+    "Bundle",
+    "BundleError",
+    "BundleSource",
+    "Decision",
+    "DecisionTable",
+    "RELEASE_PAYLOAD_TYPE",
+    "Release",
+    "ReleaseRejected",
+    "RequestInfo",
+    "RequestTestFailure",
+    "SignatureError",
+    "Spec",
+    "UnknownService",
+    "VerifiedRelease",
+    "decode_bundle",
+    "digest_of",
+    "encode_bundle",
+    "encode_canonical",
+    "is_digest",
+    "issue_release",
+    "run_request_tests",
+    "sign_envelope",
+    "verify_envelope",
+    "verify_release",
+]
+
+_WHERE: dict[str, str] = {
+    "API_VERSION": "starmesh.bundle.canonical",
+    "Bundle": "starmesh.bundle.canonical",
+    "BundleError": "starmesh.bundle.errors",
+    "BundleSource": "starmesh.bundle.canonical",
+    "Decision": "starmesh.bundle.decide",
+    "DecisionTable": "starmesh.bundle.decide",
+    "RELEASE_PAYLOAD_TYPE": "starmesh.bundle.dsse",
+    "Release": "starmesh.bundle.release",
+    "ReleaseRejected": "starmesh.bundle.errors",
+    "RequestInfo": "starmesh.bundle.decide",
+    "RequestTestFailure": "starmesh.bundle.golden",
+    "SignatureError": "starmesh.bundle.errors",
+    "Spec": "starmesh.bundle.spec",
+    "UnknownService": "starmesh.bundle.decide",
+    "VerifiedRelease": "starmesh.bundle.release",
+    "decode_bundle": "starmesh.bundle.canonical",
+    "digest_of": "starmesh.bundle.canonical",
+    "encode_bundle": "starmesh.bundle.canonical",
+    "encode_canonical": "starmesh.bundle.canonical",
+    "is_digest": "starmesh.bundle.canonical",
+    "issue_release": "starmesh.bundle.release",
+    "run_request_tests": "starmesh.bundle.golden",
+    "sign_envelope": "starmesh.bundle.dsse",
+    "verify_envelope": "starmesh.bundle.dsse",
+    "verify_release": "starmesh.bundle.release",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
