@@ -26,6 +26,7 @@ from types import MappingProxyType
 from starmesh.bundle.authz import ALLOW_ALL, AuthzDecision
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.explain import Decision, RequestInfo, explain_request
+from starmesh.bundle.gcpause import paused_gc
 from starmesh.bundle.golden import RequestTestFailure, run_request_tests
 from starmesh.bundle.match import RequestView
 from starmesh.bundle.routes import PreparedRule, PreparedService, prepare_service
@@ -98,6 +99,11 @@ class DecisionTable:
         Raises BundleError when the spec cannot be turned into a table: a route or
         authorization for an undeclared service, a backend or mirror naming an
         undeclared version, weights not summing to 100, an invalid regex."""
+        with paused_gc():
+            return cls._build(spec)
+
+    @classmethod
+    def _build(cls, spec: Spec) -> DecisionTable:
         for name in spec.routes:
             if name not in spec.services:
                 raise BundleError(f"route/{name}: http_route for undeclared service {name!r}")

@@ -7,6 +7,7 @@ writes to stdout is redirected to stderr first, so only the result reaches the p
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import resource
@@ -36,6 +37,9 @@ def main() -> int:
         print("starmesh evaluation worker: bad request", file=sys.stderr)
         return 2
     _limit_resources(request.limits)
+    # A short-lived process bounded by RLIMIT_AS: the cyclic collector would only
+    # rescan the growing set of recorded calls (see starmesh.bundle.gcpause).
+    gc.disable()
     try:
         result = run(request)
         data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)

@@ -17,6 +17,7 @@ from pathlib import Path
 from starmesh.bundle.canonical import Bundle, BundleSource, encode_bundle
 from starmesh.bundle.decide import DecisionTable, run_request_tests
 from starmesh.bundle.errors import BundleError
+from starmesh.bundle.gcpause import paused_gc
 from starmesh.bundle.spec import SourceLocation
 from starmesh.compiler.build import build_spec
 from starmesh.compiler.diagnostics import Finding, sort_findings
@@ -54,6 +55,12 @@ class CompileResult:
 
 def compile_source(source: PolicySource, limits: Limits | None = None) -> CompileResult:
     """Compile a policy tree that has already been read."""
+    # Every stage builds large acyclic object graphs: collect once, afterwards.
+    with paused_gc():
+        return _compile(source, limits)
+
+
+def _compile(source: PolicySource, limits: Limits | None) -> CompileResult:
     try:
         evaluation = evaluate(source, limits)
     except EvaluationError as exc:
