@@ -8,7 +8,12 @@ circuit breaker, an http_route with a header rule, a weighted split and a catch-
 an authorization allowing the previous service, and one golden request; the services
 are spread over files in lib/ that mesh.star loads, as a large real repo would be.
 Every run is a fresh `compile_tree` (a fresh evaluation worker included): what
-`starmesh compile` does. Reports medians and prints the machine.
+`starmesh compile` does. Side by side, interleaved with those runs, the baseline:
+bare starlark-pyo3 evaluating the same files in-process with do-nothing builtins (no
+worker, no locations, no checks, no bundle; timed inside its own process) -- the floor
+set by the language runtime. Peak RSS: the worker's is read from RUSAGE_CHILDREN,
+which on Linux also counts the parent's pages at fork time, so it is an upper bound.
+Reports medians, the ratio to the baseline, and the machine.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +76,36 @@ def write_mesh(root: Path, services: int) -> None:
     )
 
 
+def baseline_eval(root: Path) -> None:
+    """Evaluate the tree with starlark-pyo3 alone: every builtin a do-nothing callable."""
+    import starlark as sl
+
+    from starmesh.compiler.builtins import builtin_names
+
+    texts = {str(p.relative_to(root)): p.read_text() for p in root.rglob("*.star")}
+    globals_ = sl.Globals.standard()
+    cache: dict[str, sl.FrozenModule] = {}
+
+    def module_for(path: str) -> sl.FrozenModule:
+        if path not in cache:
+            module = sl.Module()
+            for name in builtin_names():
+                module.add_callable(name, lambda *args, **kwargs: None)
+            sl.eval(module, sl.parse(path, texts[path]), globals_, sl.FileLoader(lambda label: module_for(label[2:])))
+            cache[path] = module.freeze()
+        return cache[path]
+
+    module_for("mesh.star")
+
+
+def _baseline_seconds(root: Path) -> float:
+    """Time baseline_eval in its own process, so its memory stays out of our figures."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--baseline-of", str(root)], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out.strip())
+
+
 def _children_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -81,8 +117,10 @@ def run(sizes: list[int], runs: int) -> list[dict[str, object]]:
             root = Path(tmp) / f"mesh-{n}"
             write_mesh(root, n)
             times = []
+            base = []
             size = 0
             for _ in range(runs):
+                base.append(_baseline_seconds(root))
                 start = time.perf_counter()
                 result = compile_tree(root)
                 times.append(time.perf_counter() - start)
@@ -97,6 +135,8 @@ def run(sizes: list[int], runs: int) -> list[dict[str, object]]:
                     "median_s": round(statistics.median(times), 4),
                     "min_s": round(min(times), 4),
                     "max_s": round(max(times), 4),
+                    "baseline_median_s": round(statistics.median(base), 4),
+                    "ratio_to_baseline": round(statistics.median(times) / statistics.median(base), 2),
                     "bundle_bytes": size,
                     "parent_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                     "worker_peak_rss_mb": round(_children_maxrss_mb(), 1),
@@ -123,16 +163,22 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 5000])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--baseline-of", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline_of:
+        start = time.perf_counter()
+        baseline_eval(args.baseline_of)
+        print(time.perf_counter() - start)
+        return 0
     print(f"machine: {machine()}", flush=True)
     rows = run(args.sizes, args.runs)
     print()
-    print("| services | median s | min s | max s | bundle bytes | worker peak RSS MB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| services | compile median s (min-max) | bare Starlark eval median s | ratio | bundle bytes | worker peak RSS MB | parent peak RSS MB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['services']} | {r['median_s']} | {r['min_s']} | {r['max_s']} | "
-            f"{r['bundle_bytes']} | {r['worker_peak_rss_mb']} |"
+            f"| {r['services']} | {r['median_s']} ({r['min_s']}-{r['max_s']}) | {r['baseline_median_s']} | "
+            f"{r['ratio_to_baseline']}x | {r['bundle_bytes']} | {r['worker_peak_rss_mb']} | {r['parent_peak_rss_mb']} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
