@@ -91,6 +91,8 @@ class Request:
     URL; inbound: the local service). `source` is the caller's identity proven by mTLS
     (inbound only), never taken from a header. `deadline` is the loop time by which the
     whole request must be answered (set by the timeout filter), None = unbounded.
+    `target_version` is the version the weighted split picked for this request (set
+    once, before retries; None = any endpoint of the service). `attempt` counts tries.
     """
 
     __slots__ = (
@@ -109,6 +111,7 @@ class Request:
         "started",
         "deadline",
         "attempt",
+        "target_version",
     )
 
     def __init__(
@@ -143,6 +146,7 @@ class Request:
         self.started = started
         self.deadline: float | None = None
         self.attempt = 0
+        self.target_version: str | None = None
 
     @property
     def target(self) -> str:
