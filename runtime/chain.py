@@ -1,0 +1,163 @@
+"""Assemble the filter chain for one route (calling side) or the local service (receiving side).
+
+Built once per route when a bundle is applied (RouteTable.build); a request only runs
+it. A filter with nothing to do for a route is left out of that route's chain, so an
+unconfigured concern costs nothing per request. Outermost first:
+
+    outbound  telemetry → split → fault → request headers → mirror → timeout → retry
+              → circuit breaker → load balancer (+ outlier detection) → upstream
+    inbound   telemetry → authorization → rate limit → upstream (the local app)
+
+State that must outlive a route table (breaker slots, ejections, buckets, budgets,
+mirror slots) comes from `deps.state`, so an apply keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from starmesh.bundle.routes import PreparedRule, PreparedService
+from starmesh.runtime.filters.authorization import authorization_filter
+from starmesh.runtime.filters.balancer import EndpointSource, balancer
+from starmesh.runtime.filters.circuit_breaker import DEFAULT_BREAKER, circuit_breaker_filter
+from starmesh.runtime.filters.fault import fault_filter
+from starmesh.runtime.filters.headers import headers_filter
+from starmesh.runtime.filters.mirror import mirror_filter
+from starmesh.runtime.filters.rate_limit import rate_limit_filter
+from starmesh.runtime.filters.retry import retry_filter
+from starmesh.runtime.filters.split import split_filter
+from starmesh.runtime.filters.telemetry import telemetry_filter
+from starmesh.runtime.filters.timeout import timeout_filter
+from starmesh.runtime.endpoints import Endpoints
+from starmesh.runtime.filters.upstream import Pool, app_handler, mapped_send
+from starmesh.runtime.message import Filter, Handler
+from starmesh.runtime.state import StateRegistry
+from starmesh.runtime.telemetry import Recorder
+
+__all__ = ["ChainDeps", "EndpointSource", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
+
+
+class ProxyPool(Pool, Protocol):
+    """The proxy's upstream pool as the apply step also uses it (UpstreamPool)."""
+
+    def retain(self, endpoints: frozenset[str]) -> None:
+        """Close the pools of endpoints not in `endpoints`."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChainDeps:
+    """What the chains need from the running proxy; one per proxy, shared by every table.
+
+    The chains only call `pool.send`/`pool.active` and `endpoints.get`; the apply step
+    also uses `pool.retain` and the endpoint table's writers through the same object.
+
+    `local_service`/`local_version` label telemetry (the source on the calling side,
+    the destination on the receiving side). `rng`, `clock` (seconds, for outlier
+    ejections, rate-limit refill and durations) and `sleep` (backoff, fault delays)
+    are injectable so tests are deterministic; deadlines use the event loop's time."""
+
+    pool: ProxyPool
+    endpoints: Endpoints
+    state: StateRegistry
+    recorder: Recorder
+    local_service: str
+    local_version: str = ""
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+def _assemble(layers: list[Filter | None], terminal: Handler) -> Handler:
+    handler = terminal
+    for layer in reversed(layers):
+        if layer is not None:
+            handler = layer(handler)
+    return handler
+
+
+def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps) -> Handler:
+    """The calling side's handler for requests that `rule` of `service` routes."""
+    spec = service.spec
+    name = service.name
+    retries = rule.retries if rule.retries is not None and rule.retries.attempts > 0 else None
+    outliers = (
+        deps.state.outliers(name, spec.outlier_detection) if spec.outlier_detection is not None else None
+    )
+    # The upstream call: raw when the retry filter maps errors itself, mapped otherwise.
+    send = deps.pool.send if retries is not None else mapped_send(deps.pool)
+    # Load balancing over the picked version's endpoints, outlier ejection feeding back.
+    terminal = balancer(
+        name,
+        spec.load_balancer,
+        endpoints=deps.endpoints,
+        pool=deps.pool,
+        send=send,
+        outliers=outliers,
+        clock=deps.clock,
+        rng=deps.rng,
+    )
+    layers: list[Filter | None] = [
+        # Count and time every request, whatever answers it.
+        telemetry_filter(
+            deps.recorder,
+            deps.clock,
+            direction="outbound",
+            source=deps.local_service,
+            destination=name,
+            version=None,
+        ),
+        # Pick the version once per request, before any retry.
+        split_filter(rule, deps.rng),
+        # Injected delay, then abort (the route's timeout bounds the delay).
+        fault_filter(rule.fault, rule.timeout_ms, deps.rng, deps.sleep),
+        # set_request_headers / remove_request_headers.
+        headers_filter(rule),
+        # Fire-and-forget copies to the mirror version, bounded proxy-wide.
+        mirror_filter(
+            name,
+            rule.mirror,
+            rule.timeout_ms,
+            endpoints=deps.endpoints,
+            pool=deps.pool,
+            slots=deps.state.mirrors,
+            recorder=deps.recorder,
+            rng=deps.rng,
+        ),
+        # One deadline over the whole request, retries included: 504 `timeout`.
+        timeout_filter(rule.timeout_ms),
+        # More tries within the service's budget, the deadline, idempotence and replayability.
+        retry_filter(retries, deps.state.budget(name), rng=deps.rng, sleep=deps.sleep),
+        # Slots in flight and a bounded pending queue per service: 503 `overflow`.
+        circuit_breaker_filter(deps.state.breaker(name, spec.circuit_breaker or DEFAULT_BREAKER)),
+    ]
+    return _assemble(layers, terminal)
+
+
+def build_inbound(service: PreparedService | None, deps: ChainDeps, app: str) -> Handler:
+    """The receiving side's handler: `service` is the local service (None: not in the bundle)."""
+    name = deps.local_service if service is None else service.name
+    layers: list[Filter | None] = [
+        # Count and time every request; the source is the caller's proven identity.
+        telemetry_filter(
+            deps.recorder,
+            deps.clock,
+            direction="inbound",
+            source=None,
+            destination=name,
+            version=deps.local_version,
+        ),
+        # The shared decision engine: 403 `denied` (enforce) or a counted would-deny (audit).
+        authorization_filter(name, service.authorization if service is not None else None, deps.recorder),
+        # The local token bucket: 429 `rate-limited` with Retry-After.
+        rate_limit_filter(name, deps.state.bucket(name, service.rate_limit, deps.clock()), deps.clock)
+        if service is not None and service.rate_limit is not None
+        else None,
+    ]
+    # Forward to the local app: 503 `upstream-unavailable` / `upstream-reset` when it fails.
+    return _assemble(layers, app_handler(deps.pool, app))

@@ -1,0 +1,115 @@
+"""Cheap per-request deadlines: one loop timer per queue instead of one per request.
+
+`asyncio.timeout` costs several microseconds per request (a Timeout object, a timer
+handle scheduled and cancelled). A route's deadlines all have the same length, so
+they expire in the order they start: a `DeadlineQueue` keeps them in a deque and
+holds one loop timer for the oldest. Finished requests are dropped from the front as
+new ones start; when the timer fires it cancels the tasks whose deadline passed and
+re-arms for the next one. A deadline that would expire before the newest queued one
+(an earlier deadline inherited from an outer filter) gets its own timer.
+
+Use it like `asyncio.timeout_at`, minus the context manager:
+
+    expiry = queue.start(loop, when)
+    try:
+        response = await inner(request)
+    except asyncio.CancelledError:
+        if expiry.expired():       # ours: the deadline passed
+            ...answer the timeout...
+        raise
+    finally:
+        expiry.finish()
+    if expiry.expired(): ...       # the inner code swallowed the cancellation
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+__all__ = ["DeadlineQueue", "Expiry"]
+
+
+class Expiry:
+    """One request's deadline in a queue."""
+
+    __slots__ = ("when", "task", "base", "active", "fired", "handle", "_claimed")
+
+    def __init__(self, when: float, task: asyncio.Task[object]) -> None:
+        self.when = when
+        self.task = task
+        self.base = task.cancelling()
+        self.active = True
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = None
+        self._claimed = False
+
+    def fire(self) -> None:
+        if self.active:
+            self.fired = True
+            self.task.cancel()
+
+    def expired(self) -> bool:
+        """True when this deadline cancelled the task and no other cancellation is pending.
+
+        Takes back this deadline's cancellation (`Task.uncancel`) the first time it is
+        asked, like `asyncio.timeout` does."""
+        if not self.fired:
+            return False
+        if not self._claimed:
+            self._claimed = True
+            return self.task.uncancel() <= self.base
+        return self.task.cancelling() <= self.base
+
+    def finish(self) -> None:
+        """The request is done with its deadline."""
+        self.active = False
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class DeadlineQueue:
+    """Deadlines of one length (one route's timeout, or per-try timeout), one timer."""
+
+    __slots__ = ("_queue", "_loop", "_timer")
+
+    def __init__(self) -> None:
+        self._queue: deque[Expiry] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, when: float) -> Expiry:
+        """Cancel the current task at loop time `when` unless `finish` comes first."""
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a deadline needs a running task")
+        expiry = Expiry(when, task)
+        queue = self._queue
+        if self._loop is not loop:  # a new event loop (tests run several): start over
+            queue.clear()
+            self._loop = loop
+            self._timer = None
+        while queue and not queue[0].active:
+            queue.popleft()
+        if queue and when < queue[-1].when:
+            expiry.handle = loop.call_at(when, expiry.fire)
+            return expiry
+        queue.append(expiry)
+        if self._timer is None:
+            self._timer = loop.call_at(when, self._expire)
+        return expiry
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        queue = self._queue
+        while queue and (not queue[0].active or queue[0].when <= now):
+            queue.popleft().fire()
+        if queue:
+            self._timer = loop.call_at(queue[0].when, self._expire)
+
+    def __len__(self) -> int:
+        return len(self._queue)

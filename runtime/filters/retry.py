@@ -1,0 +1,206 @@
+"""Retries: more tries after a retryable failure, within a budget and the deadline.
+
+What is retryable (`on`, read once per route; DESIGN.md "Hops"):
+- `5xx`: any 5xx response from upstream; also, as in Envoy, an UpstreamError and a try
+  cut off by `per_try_timeout` (a gateway failure);
+- `connect-failure`: UpstreamError `upstream-unavailable`, or a peer proxy's 5xx with
+  `x-starmesh-error: upstream-unavailable`;
+- `reset`: UpstreamError `upstream-reset`, or a peer's `x-starmesh-error: upstream-reset`.
+Responses this proxy made itself further in (`overflow`, `no-healthy-upstream`) are
+local verdicts and are not retried.
+
+Limits on every retry:
+- Idempotence: a request whose method is not idempotent (RFC 9110: anything but GET,
+  HEAD, OPTIONS, TRACE, PUT, DELETE) is retried only after an UpstreamError with
+  `sent` False: it never reached the upstream.
+- Body: the request body must be replayable (complete, or streamed within
+  `REPLAY_LIMIT`, see replay.py).
+- Budget (per service, `RetryBudget`): requests retrying stay at or below
+  max(3, budget_percent% of the requests in flight through the service's retry
+  filters); a request counts as retrying from its first retry until it ends, and a
+  request the budget turns away gets its last outcome.
+- Backoff: exponential with full jitter, uniform in [0, min(250 ms, 25 ms × 2^n)); a
+  retry that could not start before the deadline is not made.
+- `per_try_timeout` bounds one try (only when it ends before the deadline; otherwise
+  the timeout filter's deadline is what cuts the try); the try is cancelled at its
+  current await (see deadline.py).
+
+When tries run out (or a limit stops them) the caller gets the last try's outcome: the
+upstream response as it was (a 5xx passed through), 503 with the UpstreamError's
+reason (`upstream-unavailable`, or `upstream-reset` when the last failure was a
+reset, so a caller's `reset` condition still reads it), or 504 `timeout` when the last
+try was cut off by `per_try_timeout`. Bodies of responses retried past are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from starmesh.bundle.spec import Retries
+from starmesh.runtime.filters.deadline import DeadlineQueue
+from starmesh.runtime.filters.replay import Recording
+from starmesh.runtime.filters.upstream import UpstreamError, upstream_error_response
+from starmesh.runtime.message import FixedBody, Filter, Handler, Request, Response, proxy_response
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "IDEMPOTENT_METHODS",
+    "MIN_RETRIES_IN_FLIGHT",
+    "RetryBudget",
+    "backoff",
+    "retry_filter",
+]
+
+BACKOFF_BASE = 0.025
+"""Seconds: the first retry's backoff ceiling."""
+
+BACKOFF_CAP = 0.25
+"""Seconds: no backoff ceiling grows past this."""
+
+MIN_RETRIES_IN_FLIGHT = 3
+"""The budget always allows this many concurrent retries."""
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""RFC 9110 9.2.2; other methods are retried only when the request was never sent."""
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RetryBudget:
+    """One service's requests in flight through retry filters, and how many are retrying."""
+
+    __slots__ = ("active", "retrying")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.retrying = 0
+
+    def allows(self, percent: float) -> bool:
+        """Whether one more request may start retrying."""
+        return self.retrying < max(MIN_RETRIES_IN_FLIGHT, self.active * percent / 100.0)
+
+
+def backoff(retry: int, roll: float) -> float:
+    """The wait before retry number `retry` (0-based) for a roll in [0, 1): full jitter."""
+    return roll * min(BACKOFF_CAP, BACKOFF_BASE * (1 << min(retry, 16)))
+
+
+def _peer_error(response: Response) -> str:
+    for name, value in response.headers:
+        if name == "x-starmesh-error":
+            return value
+    return ""
+
+
+class _CutOff(Exception):
+    """A try ended by `per_try_timeout`."""
+
+
+def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Random, sleep: Sleep) -> Filter | None:
+    """Retry per `policy`; None when the route makes no retries."""
+    if policy is None or policy.attempts <= 0:
+        return None
+    attempts = policy.attempts
+    on_5xx = "5xx" in policy.on
+    on_connect = "connect-failure" in policy.on
+    on_reset = "reset" in policy.on
+    percent = float(policy.budget_percent)
+    per_try = policy.per_try_timeout_ms / 1000.0 if policy.per_try_timeout_ms is not None else None
+    draw = rng.random
+    per_try_deadlines = DeadlineQueue()
+
+    def retryable_response(response: Response) -> bool:
+        if response.status < 500 or response.error:
+            return False
+        if on_5xx:
+            return True
+        peer = _peer_error(response)
+        return (on_connect and peer == "upstream-unavailable") or (on_reset and peer == "upstream-reset")
+
+    def retryable_error(exc: UpstreamError) -> bool:
+        if on_5xx:
+            return True
+        return on_connect if exc.reason == "upstream-unavailable" else on_reset
+
+    def wrap(inner: Handler) -> Handler:
+        async def one_try(request: Request, loop: asyncio.AbstractEventLoop) -> Response:
+            if per_try is None:
+                return await inner(request)
+            ends = loop.time() + per_try
+            deadline = request.deadline
+            if deadline is not None and ends >= deadline:
+                return await inner(request)  # the request's deadline comes first
+            expiry = per_try_deadlines.start(loop, ends)
+            try:
+                response = await inner(request)
+            except asyncio.CancelledError:
+                if expiry.expired():
+                    raise _CutOff from None
+                raise
+            finally:
+                expiry.finish()
+            if expiry.expired():  # the inner code swallowed the cancellation
+                response.body.close()
+                raise _CutOff
+            return response
+
+        async def retry(request: Request) -> Response:
+            loop = asyncio.get_running_loop()
+            idempotent = request.method in IDEMPOTENT_METHODS
+            data = request.body.complete()
+            recording: Recording | None = None
+            if data is None:
+                recording = Recording(request.body)
+                request.body = recording.body()
+            budget.active += 1
+            retrying = False
+            tries = 0
+            try:
+                while True:
+                    request.attempt = tries
+                    response: Response | None = None
+                    error: UpstreamError | None = None
+                    try:
+                        response = await one_try(request, loop)
+                        again = retryable_response(response) and idempotent
+                    except UpstreamError as exc:
+                        error = exc
+                        again = retryable_error(exc) and (idempotent or not exc.sent)
+                    except _CutOff:
+                        again = on_5xx and idempotent
+                    if (
+                        not again
+                        or tries >= attempts
+                        or (recording is not None and not recording.replayable)
+                        or (not retrying and not budget.allows(percent))
+                    ):
+                        break
+                    wait = backoff(tries, draw())
+                    deadline = request.deadline
+                    if deadline is not None and loop.time() + wait >= deadline:
+                        break
+                    if not retrying:
+                        retrying = True
+                        budget.retrying += 1
+                    if response is not None:
+                        response.body.close()
+                    if wait > 0.0:
+                        await sleep(wait)
+                    tries += 1
+                    request.body = recording.body() if recording is not None else FixedBody(data or b"")
+            finally:
+                budget.active -= 1
+                if retrying:
+                    budget.retrying -= 1
+            if response is not None:
+                return response
+            if error is not None:
+                return upstream_error_response(error, f"after {tries + 1} tries")
+            return proxy_response(504, "timeout", f"no response within per_try_timeout ({policy.per_try_timeout_ms} ms)")
+
+        return retry
+
+    return wrap

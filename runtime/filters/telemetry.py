@@ -1,0 +1,62 @@
+"""Telemetry: count and time every request, outermost in both chains.
+
+The duration runs to the response head (when the chain returns the Response), which is
+what the chain can see without wrapping the body. `reason` is the response's
+`x-starmesh-error` word when the proxy made it, "" otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starmesh.runtime.message import Filter, Handler, Request, Response
+from starmesh.runtime.telemetry import Recorder
+
+__all__ = ["telemetry_filter"]
+
+
+def telemetry_filter(
+    recorder: Recorder,
+    clock: Callable[[], float],
+    *,
+    direction: str,
+    source: str | None,
+    destination: str,
+    version: str | None,
+) -> Filter:
+    """Record each request under fixed labels.
+
+    `source` None takes the request's proven identity (inbound); `version` None takes
+    the version the split picked, `request.target_version` (outbound)."""
+    record = recorder.request
+
+    def wrap(inner: Handler) -> Handler:
+        async def telemetry(request: Request) -> Response:
+            start = clock()
+            try:
+                response = await inner(request)
+            except Exception:
+                record(
+                    direction,
+                    (request.source or "") if source is None else source,
+                    destination,
+                    (request.target_version or "") if version is None else version,
+                    500,
+                    "",
+                    clock() - start,
+                )
+                raise
+            record(
+                direction,
+                (request.source or "") if source is None else source,
+                destination,
+                (request.target_version or "") if version is None else version,
+                response.status,
+                response.error,
+                clock() - start,
+            )
+            return response
+
+        return telemetry
+
+    return wrap
