@@ -11,6 +11,7 @@ import click
 from starmesh.cli.compile import compile_command
 from starmesh.cli.console import Consoles
 from starmesh.cli.lint import lint_command
+from starmesh.cli.proxy import proxy_command
 
 __all__ = ["main"]
 
@@ -35,3 +36,4 @@ def main(ctx: click.Context) -> None:
 
 main.add_command(lint_command)
 main.add_command(compile_command)
+main.add_command(proxy_command)

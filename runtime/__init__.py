@@ -1,1 +1,94 @@
-"""starmesh.runtime."""
+"""The sidecar proxy: listeners, the filter chain, atomic apply, last-known-good.
+
+The names below are the public surface; docs/proxy.md draws the modules. Submodules:
+`message` (Request, Response, Handler), `table` (RouteTable), `apply` (Applier: the one
+apply path), `lkg` (last-known-good on disk), `endpoints` (the endpoint table),
+`admin` (the admin listener), `proxy` (the process), `errors` (the exception tree).
+"""
+
+# Names resolve on first use (PEP 562): importing one submodule (the CLI's argument
+# checks, a filter) does not import the listeners, aiohttp or uvloop.
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starmesh.runtime.apply import AppliedConfig, Applier, ApplyResult, RejectedApply
+    from starmesh.runtime.endpoints import Endpoints, EndpointTable, parse_address, parse_endpoints
+    from starmesh.runtime.errors import ConfigRejected, EndpointsError, LastKnownGoodError, ListenerError, ProxyError
+    from starmesh.runtime.lkg import LastKnownGood, Origin, load_last_known_good, save_last_known_good
+    from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
+    from starmesh.runtime.proxy import Proxy, ProxyConfig, run_proxy
+    from starmesh.runtime.table import RouteTable
+
+__all__ = [
+    "AppliedConfig",
+    "Applier",
+    "ApplyResult",
+    "ConfigRejected",
+    "EndpointTable",
+    "Endpoints",
+    "EndpointsError",
+    "Filter",
+    "Handler",
+    "LastKnownGood",
+    "LastKnownGoodError",
+    "ListenerError",
+    "Origin",
+    "Proxy",
+    "ProxyConfig",
+    "ProxyError",
+    "RejectedApply",
+    "Request",
+    "Response",
+    "RouteTable",
+    "load_last_known_good",
+    "parse_address",
+    "parse_endpoints",
+    "proxy_response",
+    "run_proxy",
+    "save_last_known_good",
+]
+
+_WHERE: dict[str, str] = {
+    "AppliedConfig": "starmesh.runtime.apply",
+    "Applier": "starmesh.runtime.apply",
+    "ApplyResult": "starmesh.runtime.apply",
+    "ConfigRejected": "starmesh.runtime.errors",
+    "EndpointTable": "starmesh.runtime.endpoints",
+    "Endpoints": "starmesh.runtime.endpoints",
+    "EndpointsError": "starmesh.runtime.errors",
+    "Filter": "starmesh.runtime.message",
+    "Handler": "starmesh.runtime.message",
+    "LastKnownGood": "starmesh.runtime.lkg",
+    "LastKnownGoodError": "starmesh.runtime.errors",
+    "ListenerError": "starmesh.runtime.errors",
+    "Origin": "starmesh.runtime.lkg",
+    "Proxy": "starmesh.runtime.proxy",
+    "ProxyConfig": "starmesh.runtime.proxy",
+    "ProxyError": "starmesh.runtime.errors",
+    "RejectedApply": "starmesh.runtime.apply",
+    "Request": "starmesh.runtime.message",
+    "Response": "starmesh.runtime.message",
+    "RouteTable": "starmesh.runtime.table",
+    "load_last_known_good": "starmesh.runtime.lkg",
+    "parse_address": "starmesh.runtime.endpoints",
+    "parse_endpoints": "starmesh.runtime.endpoints",
+    "proxy_response": "starmesh.runtime.message",
+    "run_proxy": "starmesh.runtime.proxy",
+    "save_last_known_good": "starmesh.runtime.lkg",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

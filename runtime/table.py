@@ -1,0 +1,123 @@
+"""RouteTable: one applied bundle, ready to carry traffic.
+
+Built once, off to the side, from a decoded bundle (DESIGN.md: "build RouteTable off to
+the side, swap one reference"): the bundle's `DecisionTable` (regexes compiled, pickers
+prepared) plus a prebuilt handler chain for every (service, rule) on the calling side
+and one for the local service on the receiving side. A request takes the table
+reference once and uses only it, so an apply never shows it half of two configs.
+
+    table = RouteTable.build(bundle, digest, deps, app="127.0.0.1:9080")
+    response = await table.outbound(request)   # route match, then the rule's chain
+    response = await table.inbound(request)    # authorization, rate limit, the local app
+
+State that outlives a table (connection pools, breakers, outlier ejections, rate
+buckets, the endpoint table) lives in `deps`, outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from types import MappingProxyType
+
+from starmesh.bundle.canonical import Bundle
+from starmesh.bundle.decide import DecisionTable
+from starmesh.bundle.errors import BundleError
+from starmesh.bundle.gcpause import paused_gc
+from starmesh.runtime.chain import ChainDeps, build_inbound, build_outbound
+from starmesh.runtime.errors import ConfigRejected
+from starmesh.runtime.message import Handler, Headers, Request, Response, proxy_response
+
+__all__ = ["RouteTable", "routing_headers"]
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def routing_headers(headers: Headers) -> dict[str, str]:
+    """Headers as matching reads them: lower-case names (already so), repeats joined with ","."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if name in out:
+            out[name] = f"{out[name]},{value}"
+        else:
+            out[name] = value
+    return out
+
+
+async def _answer(response: Response) -> Response:
+    return response
+
+
+class RouteTable:
+    """An applied bundle's decision table and prebuilt handler chains. Build with `build`."""
+
+    __slots__ = ("bundle", "digest", "decisions", "_route", "_handlers", "_inbound", "_reads_headers")
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        digest: str,
+        decisions: DecisionTable,
+        handlers: dict[int, Handler],
+        inbound: Handler,
+    ) -> None:
+        self.bundle = bundle
+        self.digest = digest
+        self.decisions = decisions
+        self._route = decisions.route
+        self._handlers = handlers
+        self._inbound = inbound
+        self._reads_headers = frozenset(
+            name
+            for name, rules in bundle.spec.routes.items()
+            if any(match.headers for rule in rules for match in rule.match)
+        )
+
+    @classmethod
+    def build(
+        cls, bundle: Bundle, digest: str, deps: ChainDeps, *, app: str, decisions: DecisionTable | None = None
+    ) -> RouteTable:
+        """Prepare every route's handler chain; raise ConfigRejected saying what is wrong.
+
+        `decisions` may be given when the caller has already built the DecisionTable
+        (the runtime's own validation step); `app` is the local app's `host:port`."""
+        try:
+            with paused_gc():
+                table = decisions if decisions is not None else DecisionTable.build(bundle.spec)
+                handlers: dict[int, Handler] = {}
+                for service in table.services.values():
+                    for rule in service.rules:
+                        where = f"service/{service.name}" if rule.index is None else f"route/{service.name}/{rule.index}"
+                        try:
+                            # Keyed by identity: the rules live as long as `table`, and a
+                            # dict lookup by id is the cheapest per-request step.
+                            handlers[id(rule)] = build_outbound(service, rule, deps)
+                        except (BundleError, ValueError, TypeError, KeyError) as exc:
+                            raise ConfigRejected(f"route table: {where}: {exc}") from exc
+                local = table.services.get(deps.local_service) if deps.local_service else None
+                try:
+                    inbound = build_inbound(local, deps, app)
+                except (BundleError, ValueError, TypeError, KeyError) as exc:
+                    raise ConfigRejected(f"route table: inbound chain for {deps.local_service!r}: {exc}") from exc
+        except BundleError as exc:
+            raise ConfigRejected(f"route table: {exc}") from exc
+        return cls(bundle, digest, table, handlers, inbound)
+
+    def outbound(self, request: Request) -> Awaitable[Response]:
+        """Route a calling-side request: 404 `no-route` or the winning rule's chain.
+
+        Returns the chain's awaitable directly: routing adds no coroutine layer."""
+        service = request.service
+        headers = routing_headers(request.headers) if service in self._reads_headers else _NO_HEADERS
+        decision = self._route(service, request.method, request.path, headers, request.query)
+        if decision is None:
+            return _answer(proxy_response(404, "no-route", f"unknown service {service!r} (the bundle does not declare it)"))
+        rule = decision.rule
+        if rule is None:
+            return _answer(
+                proxy_response(404, "no-route", f"no rule of {service}'s http_route matches {request.method} {request.path}")
+            )
+        return self._handlers[id(rule)](request)
+
+    def inbound(self, request: Request) -> Awaitable[Response]:
+        """Handle a receiving-side request: authorization, rate limit, the local app."""
+        return self._inbound(request)
