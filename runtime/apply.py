@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from starmesh.bundle.canonical import decode_bundle, digest_of
 from starmesh.bundle.decide import DecisionTable
@@ -30,6 +31,7 @@ from starmesh.bundle.golden import run_request_tests
 from starmesh.runtime.chain import ChainDeps
 from starmesh.runtime.endpoints import EndpointTable, check_endpoints, static_endpoints
 from starmesh.runtime.errors import ConfigRejected
+from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.lkg import LastKnownGood, Origin, save_last_known_good
 from starmesh.runtime.table import RouteTable
 
@@ -95,6 +97,7 @@ class Applier:
 
     def __init__(self, deps: ChainDeps, *, app: str, state_dir: Path | None) -> None:
         self.deps = deps
+        self.registry = cast(StateRegistry, deps.state)  # the proxy's registry, not a transaction
         self.app = app
         self.state_dir = state_dir
         self.current: RouteTable | None = None
@@ -165,13 +168,16 @@ class Applier:
             decisions = DecisionTable.build(bundle.spec)
         except BundleError as exc:
             raise ConfigRejected(f"bundle rejected by the proxy's validation: {exc}") from exc
-        table = RouteTable.build(bundle, digest, self.deps, app=self.app, decisions=decisions)
+        # Build against a state transaction: nothing live changes unless this table is swapped in.
+        state = self.registry.transaction()
+        table = RouteTable.build(bundle, digest, replace(self.deps, state=state), app=self.app, decisions=decisions)
         failures = run_request_tests(decisions)
         if failures:
             shown = "; ".join(f.message for f in failures[:5])
             more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
             raise ConfigRejected(f"golden requests failed against the new route table: {shown}{more}")
         # The swap: no await from here to the return, so no request sees half of it.
+        state.commit()
         self.deps.endpoints.set_static(static)
         if endpoints is not None:
             self.deps.endpoints.update(endpoints, version=endpoints_version)
@@ -221,7 +227,7 @@ class Applier:
         in_use = self.deps.endpoints.addresses() | {self.app}
         self.deps.pool.retain(in_use)
         if self.current is not None:
-            self.deps.state.retain(self.current.decisions.services.keys(), in_use)
+            self.registry.retain(self.current.decisions.services.keys(), in_use)
 
     def reject(
         self, origin: Origin, error: str, *, digest: str | None = None, release_version: int | None = None

@@ -36,7 +36,7 @@ from starmesh.runtime.filters.timeout import timeout_filter
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.upstream import Pool, app_handler, mapped_send
 from starmesh.runtime.message import Filter, Handler
-from starmesh.runtime.state import StateRegistry
+from starmesh.runtime.state import StateSource
 from starmesh.runtime.telemetry import Recorder
 
 __all__ = ["ChainDeps", "EndpointSource", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
@@ -64,7 +64,7 @@ class ChainDeps:
 
     pool: ProxyPool
     endpoints: Endpoints
-    state: StateRegistry
+    state: StateSource
     recorder: Recorder
     local_service: str
     local_version: str = ""

@@ -13,11 +13,18 @@ service across applies:
     registry.mirrors                        # the proxy-wide bound on mirror copies
 
 `retain` drops the state of services and endpoints that are gone.
+
+Building a table must not change live state: a bundle can still be rejected after
+its table is built (golden requests, a failed check), and the live config must then
+be exactly what it was. So a build goes through `registry.transaction()`, which hands
+out the same objects but defers every change (new limits, new buckets, new entries)
+until `commit()`, which the applier calls right at the swap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Protocol
 
 from starmesh.bundle.spec import CircuitBreaker, OutlierDetection, RateLimit
 from starmesh.runtime.filters.circuit_breaker import BreakerState
@@ -26,7 +33,22 @@ from starmesh.runtime.filters.outlier import OutlierState
 from starmesh.runtime.filters.rate_limit import TokenBucket
 from starmesh.runtime.filters.retry import RetryBudget
 
-__all__ = ["StateRegistry"]
+__all__ = ["StateRegistry", "StateSource", "StateTransaction"]
+
+
+class StateSource(Protocol):
+    """What the chain builders ask for: a registry, or a transaction over one."""
+
+    @property
+    def mirrors(self) -> MirrorSlots: ...
+
+    def breaker(self, service: str, config: CircuitBreaker) -> BreakerState: ...
+
+    def outliers(self, service: str, config: OutlierDetection) -> OutlierState: ...
+
+    def bucket(self, service: str, config: RateLimit, now: float) -> TokenBucket: ...
+
+    def budget(self, service: str) -> RetryBudget: ...
 
 
 class StateRegistry:
@@ -85,3 +107,62 @@ class StateRegistry:
         if endpoints is not None:
             for state in self._outliers.values():
                 state.retain(endpoints)
+
+    def transaction(self) -> StateTransaction:
+        """A view for building a table: the same objects, changes deferred to commit()."""
+        return StateTransaction(self)
+
+
+class StateTransaction:
+    """Hands out the registry's state objects; records changes and applies them on commit.
+
+    New objects are created at once (the new table's filters hold them) but registered
+    only on commit; existing objects keep their old limits until commit."""
+
+    __slots__ = ("_registry", "_pending")
+
+    def __init__(self, registry: StateRegistry) -> None:
+        self._registry = registry
+        self._pending: list[Callable[[], None]] = []
+
+    @property
+    def mirrors(self) -> MirrorSlots:
+        return self._registry.mirrors
+
+    def breaker(self, service: str, config: CircuitBreaker) -> BreakerState:
+        state = self._registry._breakers.get(service)
+        if state is None:
+            state = BreakerState(service, config)
+            self._pending.append(lambda: self._registry._breakers.__setitem__(service, state))
+        else:
+            self._pending.append(lambda: state.configure(config))
+        return state
+
+    def outliers(self, service: str, config: OutlierDetection) -> OutlierState:
+        state = self._registry._outliers.get(service)
+        if state is None:
+            state = OutlierState(config)
+            self._pending.append(lambda: self._registry._outliers.__setitem__(service, state))
+        else:
+            self._pending.append(lambda: setattr(state, "config", config))
+        return state
+
+    def bucket(self, service: str, config: RateLimit, now: float) -> TokenBucket:
+        bucket = self._registry._buckets.get(service)
+        if bucket is None or bucket.config != config:
+            bucket = TokenBucket(config, now)
+            self._pending.append(lambda: self._registry._buckets.__setitem__(service, bucket))
+        return bucket
+
+    def budget(self, service: str) -> RetryBudget:
+        budget = self._registry._budgets.get(service)
+        if budget is None:
+            budget = RetryBudget()
+            self._pending.append(lambda: self._registry._budgets.__setitem__(service, budget))
+        return budget
+
+    def commit(self) -> None:
+        """Apply every deferred change, in the order the build asked for them."""
+        pending, self._pending = self._pending, []
+        for change in pending:
+            change()

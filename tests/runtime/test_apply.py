@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from starmesh.bundle.canonical import Bundle, decode_bundle, digest_of, encode_b
 from starmesh.bundle.spec import RequestTest
 from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.apply import Applier, ApplyResult
+from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.endpoints import Endpoints, parse_address, parse_endpoints
 from starmesh.runtime.errors import EndpointsError, LastKnownGoodError
 from starmesh.runtime.lkg import LKG_FILE, load_last_known_good
@@ -64,6 +65,12 @@ class State:
     def retain(self, services: Any, endpoints: frozenset[str] | None = None) -> None:
         self.retained.append((frozenset(services), endpoints))
 
+    def transaction(self) -> State:
+        return self
+
+    def commit(self) -> None:
+        pass
+
 
 @pytest.fixture(autouse=True)
 def chains(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,8 +95,14 @@ def chains(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_applier(state_dir: Path | None) -> Applier:
-    deps = types.SimpleNamespace(pool=Pool(), state=State(), endpoints=Endpoints(), local_service="web")
-    return Applier(deps, app=APP, state_dir=state_dir)  # type: ignore[arg-type]
+    deps = ChainDeps(
+        pool=Pool(),  # type: ignore[arg-type]
+        state=State(),  # type: ignore[arg-type]
+        endpoints=Endpoints(),
+        recorder=MemoryRecorder(),
+        local_service="web",
+    )
+    return Applier(deps, app=APP, state_dir=state_dir)
 
 
 def apply(applier: Applier, data: bytes, **kw: Any) -> ApplyResult:
@@ -307,3 +320,4 @@ def test_a_bug_while_building_is_a_rejection_not_a_crash(tmp_path: Path, monkeyp
     assert not result.ok and result.error is not None
     assert result.error.startswith("route table could not be built (a proxy bug; details in its log): AttributeError")
     assert applier.current is table
+
