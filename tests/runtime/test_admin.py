@@ -39,6 +39,12 @@ class _State:
     def retain(self, services: Any, endpoints: Any = None) -> None:
         pass
 
+    def transaction(self) -> _State:
+        return self
+
+    def commit(self) -> None:
+        pass
+
 
 @pytest.fixture(autouse=True)
 def chains(monkeypatch: pytest.MonkeyPatch) -> None:
