@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from starmesh.bundle.canonical import decode_bundle
 from starmesh.bundle.decide import DecisionTable, RequestInfo
 from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.admin import AdminInfo, start_admin
+from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.apply import Applier
 from starmesh.runtime.endpoints import Endpoints
 
@@ -82,8 +83,14 @@ async def with_admin(applier: Applier, check: Callable[[aiohttp.ClientSession, s
 
 
 def make_applier() -> Applier:
-    deps = types.SimpleNamespace(pool=_Pool(), state=_State(), endpoints=Endpoints(), local_service="web")
-    return Applier(deps, app="127.0.0.1:3", state_dir=None)  # type: ignore[arg-type]
+    deps = ChainDeps(
+        pool=_Pool(),  # type: ignore[arg-type]
+        state=_State(),  # type: ignore[arg-type]
+        endpoints=Endpoints(),
+        recorder=MemoryRecorder(),
+        local_service="web",
+    )
+    return Applier(deps, app="127.0.0.1:3", state_dir=None)
 
 
 def test_not_ready_before_a_config(tmp_path: Path) -> None:
