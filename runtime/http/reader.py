@@ -1,0 +1,408 @@
+"""Reading requests off one client connection: httptools callbacks to `Request`, bounded.
+
+    bytes ─► httptools ─► on_url / on_header ─► on_headers_complete ─► Request ─► owner.enqueue
+                           (hop-by-hop dropped,     (framing checked,       body: FixedBody when it
+                            size/count bounded)      target and Host read)  came with the head, else
+                                                                            a StreamBody fed here
+
+The reader checks everything that could make the two sides of the proxy disagree on
+where a message ends, and rejects it before anything is dispatched: Content-Length with
+Transfer-Encoding, duplicate Content-Length (httptools/llhttp), Transfer-Encoding other
+than exactly `chunked`, chunked HTTP/1.0. Headers reach the chain clean: hop-by-hop
+fields, Content-Length and Expect are dropped (bodies are re-framed by the upstream
+client), `x-forwarded-for` gets the client address, Host is kept (and replaced by the
+target's authority for absolute-form requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from starmesh.runtime.http.body import StreamBody
+from starmesh.runtime.http.headers import HOP_BY_HOP, remove_named
+from starmesh.runtime.http.limits import HttpLimits
+from starmesh.runtime.message import EMPTY, FixedBody, Headers, Request
+
+__all__ = ["ReaderOwner", "RequestReader", "service_of"]
+
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
+
+_INSPECTED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for"}
+"""Request fields the reader looks at; of these only host and x-forwarded-for are kept."""
+
+_CONNECTION_KEYWORDS = frozenset({"close", "keep-alive", "upgrade"})
+
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 2048
+
+
+class ReaderOwner(Protocol):
+    """The connection a RequestReader reads for (runtime/http/server.py)."""
+
+    def enqueue(self, request: Request) -> None:
+        """A request's head (and maybe its whole body) has arrived: dispatch it in turn."""
+
+    def reject(self, status: int, message: str) -> None:
+        """A protocol error: answer `status` with `message` after earlier answers, then close."""
+
+    def head_started(self) -> None:
+        """A request head began: the header timeout runs from `reader.head_begun`."""
+
+    def upgraded(self, early: bytes) -> None:
+        """An Upgrade request's head ended; `early` is what followed it in the same read."""
+
+    def pause_body(self) -> None: ...
+
+    def resume_body(self) -> None: ...
+
+    def body_reading(self, body: StreamBody) -> None: ...
+
+    def body_closed(self, body: StreamBody) -> None: ...
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing once the owner has the answer."""
+
+
+class RequestReader:
+    """Parses one connection's bytes into Requests with httptools, within `limits`."""
+
+    def __init__(
+        self,
+        owner: ReaderOwner,
+        limits: HttpLimits,
+        loop_time: Callable[[], float],
+        *,
+        client: str,
+        source: str | None,
+        forwarded_for: bool,
+    ) -> None:
+        self._owner = owner
+        self._time = loop_time
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._max_body = limits.max_request_body
+        self._client = client
+        self._source = source
+        self._forwarded_for = forwarded_for and bool(client)
+        self._parser = httptools.HttpRequestParser(self)
+        self._last_host = ""
+        self._last_service = ""
+        self.stopped = False
+        self.head_begun: float | None = None
+        """Loop time the request head being read began at; None between heads."""
+        self.parsing: Request | None = None
+        """The request whose head is complete and whose body is still arriving."""
+        self.stream: StreamBody | None = None
+        self.continue_body: StreamBody | None = None
+        """A streamed body whose client waits for `100 Continue` before sending it."""
+        self._url = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._headers: Headers = []
+        self._head_size = 0
+        self._head_partial = 0
+        self._content_length: str | None = None
+        self._transfer_encoding: str | None = None
+        self._connection: str | None = None
+        self._upgrade: str | None = None
+        self._expect: str | None = None
+        self._host: str | None = None
+        self._hosts = 0
+        self._xff = -1
+        self._length: int | None = 0
+        self._body_size = 0
+        self._parts: list[bytes] | None = None
+        self._expect_continue = False
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data`; complete heads go to `owner.enqueue`, errors to `owner.reject`."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.stopped = True
+            self._owner.upgraded(data[exc.args[0] :])
+            return
+        except httptools.HttpParserError as exc:
+            self.reject(400, f"malformed request: {str(exc).strip() or type(exc).__name__}")
+            return
+        if self.parsing is not None:
+            if self.stream is None:
+                self._start_stream()
+        elif self.head_begun is not None:
+            # A head in progress: count what the parser buffers for a field not yet ended.
+            self._head_partial += len(data)
+            if self._head_partial > self._max_header_bytes:
+                self.reject(431, f"request head larger than {self._max_header_bytes} bytes")
+
+    def fail_body(self, exc: BaseException) -> None:
+        """The connection is gone: a body still arriving never completes."""
+        if self.stream is not None:
+            self.stream.fail(exc)
+            self.stream = None
+
+    def reject(self, status: int, message: str) -> None:
+        """Stop reading: hand the owner the answer for a protocol error (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.head_begun = None
+        self.parsing = None
+        self._owner.reject(status, message)
+
+    # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.head_begun = self._time()
+        self._owner.head_started()
+        self._url = b""
+        self._raw = []
+        self._head_size = self._head_partial = self._body_size = 0
+        self._parts = None
+        self._expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self._max_header_bytes:
+            self.reject(431, f"request line longer than {self._max_header_bytes} bytes")
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw.append((name, value))  # checked and decoded at once in _read_fields
+
+    def _read_fields(self) -> None:
+        """Bound, decode and sort the head's fields (one pass, no call per field)."""
+        raw = self._raw
+        if len(raw) > self._max_headers:
+            self.reject(431, f"more than {self._max_headers} request header fields")
+            raise _Reject
+        size = self._head_size + 4 * len(raw)
+        headers: Headers = []
+        append = headers.append
+        cache = _NAME_CACHE
+        self._content_length = self._transfer_encoding = self._connection = None
+        self._upgrade = self._expect = self._host = None
+        self._hosts = 0
+        self._xff = -1
+        for name, value in raw:
+            key = cache.get(name)
+            if key is None:
+                key = _header_name(name)
+            text = value.decode("latin-1")
+            size += len(name) + len(text)
+            if key not in _INSPECTED:
+                append((key, text))
+            elif key == "host":
+                self._hosts += 1
+                self._host = text
+                append((key, text))
+            elif key == "x-forwarded-for":
+                if self._xff < 0:
+                    self._xff = len(headers)
+                append((key, text))
+            elif key == "content-length":
+                self._content_length = text
+            elif key == "transfer-encoding":
+                self._transfer_encoding = text
+            elif key == "connection":
+                self._connection = text if self._connection is None else f"{self._connection}, {text}"
+            elif key == "upgrade":
+                self._upgrade = text
+            elif key == "expect":
+                self._expect = text
+            # keep-alive, proxy-connection, te, trailer, proxy-authenticate/-authorization: dropped
+        if size > self._max_header_bytes:
+            self.reject(431, f"request head larger than {self._max_header_bytes} bytes")
+            raise _Reject
+        self._headers = headers
+
+    def on_headers_complete(self) -> None:
+        self._read_fields()
+        parser = self._parser
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self.reject(400, f"HTTP/{version} is not supported")
+            raise _Reject
+        length = self._framing(version)
+        upgrade = parser.should_upgrade()
+        if method == "CONNECT":
+            self.reject(405, "CONNECT is not supported")
+            raise _Reject
+        headers = self._headers
+        if upgrade:
+            if length != 0:
+                self.reject(400, "an Upgrade request with a body is not supported")
+                raise _Reject
+            headers.append(("upgrade", self._upgrade or ""))
+
+        url = self._url
+        query: str | None = None
+        if url[:1] == b"/":  # origin-form, the common case
+            mark = url.find(b"?")
+            if mark < 0:
+                path = url.decode("latin-1")
+            else:
+                path = url[:mark].decode("latin-1")
+                query = url[mark + 1 :].decode("latin-1")
+            if self._hosts != 1 and (self._hosts > 1 or version != "1.0"):
+                self.reject(400, "a request needs exactly one Host header")
+                raise _Reject
+            authority = self._host or ""
+            if authority == self._last_host:
+                service = self._last_service
+            else:
+                service = service_of(authority)
+                self._last_host, self._last_service = authority, service
+        elif url == b"*":
+            path, authority = "*", self._host or ""
+            service = service_of(authority)
+        else:
+            path, query, authority, service = self._absolute_form(url)
+            headers = [(k, v) for k, v in headers if k != "host"]
+            headers.append(("host", authority))
+            self._xff = _index_of(headers, "x-forwarded-for")
+
+        connection = self._connection
+        if connection is not None and connection.strip().lower() not in _CONNECTION_KEYWORDS:
+            headers = remove_named(headers, connection)
+            self._xff = _index_of(headers, "x-forwarded-for")
+        if self._forwarded_for:
+            if self._xff >= 0:
+                name, value = headers[self._xff]
+                headers[self._xff] = (name, f"{value}, {self._client}")
+            else:
+                headers.append(("x-forwarded-for", self._client))
+
+        expect = self._expect
+        if expect is not None and length != 0 and version == "1.1" and expect.strip().lower() == "100-continue":
+            self._expect_continue = True
+
+        begun = self.head_begun or 0.0
+        self.head_begun = None
+        self.parsing = Request(
+            method,
+            path,
+            query,
+            headers,
+            EMPTY,
+            service=service,
+            authority=authority,
+            client=self._client,
+            source=self._source,
+            version=version,
+            keep_alive=parser.should_keep_alive(),
+            upgrade=upgrade,
+            started=begun,
+        )
+
+    def _framing(self, version: str) -> int | None:
+        """The body's length (0: none), None for chunked; exactly one framing, or 400/413."""
+        length: int | None
+        if self._transfer_encoding is not None:
+            if self._transfer_encoding.strip().lower() != "chunked":
+                self.reject(400, "Transfer-Encoding other than 'chunked' is not supported")
+                raise _Reject
+            if version == "1.0":
+                self.reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+                raise _Reject
+            length = None
+        elif self._content_length is not None:
+            length = int(self._content_length)  # digits only: llhttp checked
+        else:
+            length = 0
+        if self._max_body is not None and length is not None and length > self._max_body:
+            self.reject(413, f"request body of {length} bytes is over the limit of {self._max_body}")
+            raise _Reject
+        self._length = length
+        return length
+
+    def _absolute_form(self, url: bytes) -> tuple[str, str | None, str, str]:
+        """`http://host[:port]/path?query` (HTTP_PROXY use): path, query, authority, service."""
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            self.reject(400, "invalid request target")
+            raise _Reject from None
+        if parsed.schema.lower() != b"http" or not parsed.host:
+            self.reject(400, "absolute-form targets must be http://host[:port]/path")
+            raise _Reject
+        host = parsed.host.decode("latin-1")
+        service = host.lower()
+        if ":" in host:
+            host = f"[{host}]"
+        authority = host if parsed.port is None else f"{host}:{parsed.port}"
+        path = parsed.path.decode("latin-1") if parsed.path else "/"
+        query = parsed.query.decode("latin-1") if parsed.query is not None else None
+        return path, query, authority, service
+
+    def on_body(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self._max_body is not None and self._body_size > self._max_body:
+            self.reject(413, f"request body over the limit of {self._max_body} bytes")
+            raise _Reject
+        stream = self.stream
+        if stream is not None:
+            stream.feed(data)
+        elif self._parts is None:
+            self._parts = [data]
+        else:
+            self._parts.append(data)
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        if request is None:  # pragma: no cover - httptools calls this only after a head
+            return
+        self.parsing = None
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.finish()
+            if self.continue_body is stream:
+                self.continue_body = None
+            return
+        parts = self._parts
+        if parts is not None:
+            self._parts = None
+            request.body = FixedBody(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._owner.enqueue(request)
+
+    def _start_stream(self) -> None:
+        """The head is complete and the body is still arriving: dispatch with a StreamBody."""
+        request = self.parsing
+        assert request is not None
+        stream = StreamBody(self._length, self._owner, self._parts)
+        self._parts = None
+        self.stream = stream
+        if self._expect_continue:
+            self.continue_body = stream
+        request.body = stream
+        self._owner.enqueue(request)
+
+
+def _header_name(name: bytes) -> str:
+    key = name.decode("latin-1").lower()
+    if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+        _NAME_CACHE[name] = key
+    return key
+
+
+def service_of(authority: str) -> str:
+    """The host part of a Host value, lower-cased, without the port ("[::1]:80" -> "::1")."""
+    host = authority.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    mark = host.rfind(":")
+    return host[:mark] if mark >= 0 else host
+
+
+def _index_of(headers: Headers, name: str) -> int:
+    for index, (key, _) in enumerate(headers):
+        if key == name:
+            return index
+    return -1
