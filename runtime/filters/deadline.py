@@ -10,7 +10,8 @@ re-arms for the next one. A deadline that would expire before the newest queued 
 
 Use it like `asyncio.timeout_at`, minus the context manager:
 
-    expiry = queue.start(loop, when)
+    loop, task = running()         # once per request: no get_running_loop() (a getpid)
+    expiry = queue.start(loop, when, task)
     try:
         response = await inner(request)
     except asyncio.CancelledError:
@@ -26,8 +27,40 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from asyncio import current_task
+from threading import get_ident
+from typing import Any
 
-__all__ = ["DeadlineQueue", "Expiry"]
+__all__ = ["DeadlineQueue", "Expiry", "running"]
+
+
+class _LastLoop:
+    """The loop `running()` found last, and the thread that runs it."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    thread = 0
+
+
+def running() -> tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]:
+    """The running event loop and the task running the caller (once per request).
+
+    `asyncio.get_running_loop()` costs a getpid() system call per call on Python 3.11
+    (it checks for a fork). So the loop found last is kept and checked with
+    `asyncio.current_task(loop)`, a dict lookup: a loop runs in one thread and another
+    loop cannot run in that thread while it runs, so when the caller is on that thread
+    and the loop has a task in progress, that task is the caller's."""
+    loop = _LastLoop.loop
+    if loop is not None and get_ident() == _LastLoop.thread:
+        task = current_task(loop)
+        if task is not None:
+            return loop, task
+    loop = asyncio.get_running_loop()
+    task = current_task(loop)
+    if task is None:
+        raise RuntimeError("a deadline needs a running task")
+    _LastLoop.loop = loop
+    _LastLoop.thread = get_ident()
+    return loop, task
 
 
 class Expiry:
@@ -35,7 +68,7 @@ class Expiry:
 
     __slots__ = ("when", "task", "base", "active", "fired", "handle", "_claimed")
 
-    def __init__(self, when: float, task: asyncio.Task[object]) -> None:
+    def __init__(self, when: float, task: asyncio.Task[Any]) -> None:
         self.when = when
         self.task = task
         self.base = task.cancelling()
@@ -78,11 +111,10 @@ class DeadlineQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, when: float) -> Expiry:
-        """Cancel the current task at loop time `when` unless `finish` comes first."""
-        task = asyncio.current_task(loop)
+    def start(self, loop: asyncio.AbstractEventLoop, when: float, task: asyncio.Task[Any] | None = None) -> Expiry:
+        """Cancel `task` (default: the current task) at loop time `when` unless `finish` comes first."""
         if task is None:
-            raise RuntimeError("a deadline needs a running task")
+            task = running()[1]
         expiry = Expiry(when, task)
         queue = self._queue
         if self._loop is not loop:  # a new event loop (tests run several): start over

@@ -39,7 +39,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from starmesh.bundle.spec import Retries
-from starmesh.runtime.filters.deadline import DeadlineQueue
+from starmesh.runtime.filters.deadline import DeadlineQueue, Expiry, running
 from starmesh.runtime.filters.replay import Recording
 from starmesh.runtime.filters.upstream import UpstreamError, upstream_error_response
 from starmesh.runtime.message import FixedBody, Filter, Handler, Request, Response, proxy_response
@@ -95,10 +95,6 @@ def _peer_error(response: Response) -> str:
     return ""
 
 
-class _CutOff(Exception):
-    """A try ended by `per_try_timeout`."""
-
-
 def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Random, sleep: Sleep) -> Filter | None:
     """Retry per `policy`; None when the route makes no retries."""
     if policy is None or policy.attempts <= 0:
@@ -126,29 +122,8 @@ def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Ran
         return on_connect if exc.reason == "upstream-unavailable" else on_reset
 
     def wrap(inner: Handler) -> Handler:
-        async def one_try(request: Request, loop: asyncio.AbstractEventLoop) -> Response:
-            if per_try is None:
-                return await inner(request)
-            ends = loop.time() + per_try
-            deadline = request.deadline
-            if deadline is not None and ends >= deadline:
-                return await inner(request)  # the request's deadline comes first
-            expiry = per_try_deadlines.start(loop, ends)
-            try:
-                response = await inner(request)
-            except asyncio.CancelledError:
-                if expiry.expired():
-                    raise _CutOff from None
-                raise
-            finally:
-                expiry.finish()
-            if expiry.expired():  # the inner code swallowed the cancellation
-                response.body.close()
-                raise _CutOff
-            return response
-
         async def retry(request: Request) -> Response:
-            loop = asyncio.get_running_loop()
+            loop, task = running()
             idempotent = request.method in IDEMPOTENT_METHODS
             data = request.body.complete()
             recording: Recording | None = None
@@ -163,14 +138,33 @@ def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Ran
                     request.attempt = tries
                     response: Response | None = None
                     error: UpstreamError | None = None
+                    # One try, bounded by per_try_timeout when that ends before the
+                    # request's deadline (inline, not a coroutine of its own).
+                    expiry: Expiry | None = None
+                    if per_try is not None:
+                        ends = loop.time() + per_try
+                        deadline = request.deadline
+                        if deadline is None or ends < deadline:
+                            expiry = per_try_deadlines.start(loop, ends, task)
                     try:
-                        response = await one_try(request, loop)
-                        again = retryable_response(response) and idempotent
+                        response = await inner(request)
                     except UpstreamError as exc:
                         error = exc
                         again = retryable_error(exc) and (idempotent or not exc.sent)
-                    except _CutOff:
-                        again = on_5xx and idempotent
+                    except asyncio.CancelledError:
+                        if expiry is None or not expiry.expired():
+                            raise
+                        again = on_5xx and idempotent  # cut off by per_try_timeout
+                    else:
+                        if expiry is not None and expiry.expired():  # the inner code swallowed the cancellation
+                            response.body.close()
+                            response = None
+                            again = on_5xx and idempotent
+                        else:
+                            again = retryable_response(response) and idempotent
+                    finally:
+                        if expiry is not None:
+                            expiry.finish()
                     if (
                         not again
                         or tries >= attempts

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from starmesh.runtime.filters.deadline import DeadlineQueue
+from starmesh.runtime.filters.deadline import DeadlineQueue, running
 from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
 
 __all__ = ["timeout_filter"]
@@ -26,19 +26,18 @@ def timeout_filter(timeout_ms: int | None) -> Filter | None:
     seconds = timeout_ms / 1000.0
     what = f"no response within the route's timeout ({timeout_ms} ms, retries included)"
     deadlines = DeadlineQueue()
-    get_loop = asyncio.get_running_loop
 
     def timed_out() -> Response:
         return proxy_response(504, "timeout", what)
 
     def wrap(inner: Handler) -> Handler:
         async def timeout(request: Request) -> Response:
-            loop = get_loop()
+            loop, task = running()
             deadline = loop.time() + seconds
             if request.deadline is not None and request.deadline < deadline:
                 deadline = request.deadline
             request.deadline = deadline
-            expiry = deadlines.start(loop, deadline)
+            expiry = deadlines.start(loop, deadline, task)
             try:
                 response = await inner(request)
             except asyncio.CancelledError:

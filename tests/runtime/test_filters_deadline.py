@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from starmesh.runtime.filters.deadline import DeadlineQueue
+from starmesh.runtime.filters.deadline import DeadlineQueue, running
 from starmesh.runtime.filters.timeout import timeout_filter
 from starmesh.runtime.message import FixedBody, Request, Response
 
@@ -110,3 +111,23 @@ def test_many_quick_requests_share_one_timer() -> None:
         assert len(queue) == 1
 
     asyncio.run(main())
+
+
+def test_running_finds_the_current_loop_and_task_across_loops_and_threads() -> None:
+    async def found() -> bool:
+        loop, task = running()
+        inner = await asyncio.get_running_loop().create_task(inner_found())
+        return loop is asyncio.get_running_loop() and task is asyncio.current_task() and inner
+
+    async def inner_found() -> bool:
+        return running()[1] is asyncio.current_task()
+
+    results = [asyncio.run(found()) for _ in range(2)]  # a new loop each time
+    thread = threading.Thread(target=lambda: results.append(asyncio.run(found())))
+    thread.start()
+    thread.join()
+    results.append(asyncio.run(found()))  # back on this thread, after the other one's loop
+    assert results == [True, True, True, True]
+
+    with pytest.raises(RuntimeError):
+        running()  # no loop running here
