@@ -6,7 +6,7 @@
     end of the body ─► owner.release(conn) (keep-alive) or close
 
 Responses are parsed with httptools; hop-by-hop fields are dropped and the fields are
-decoded in one pass once the head is complete. 1xx interim answers are skipped; a 101
+decoded as httptools reports them. 1xx interim answers are skipped; a 101
 turns the connection into the upstream half of a Tunnel. A connection found closed before
 any byte of the answer, after it had been reused, raises `Stale` so the pool may retry.
 """
@@ -86,8 +86,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._status = 0
         self._headers: Headers = []
-        self._raw: list[tuple[bytes, bytes]] = []
         self._content_length: str | None = None
+        self._connection: str | None = None
         self._chunked = False
         self._upgrade_value: str | None = None
         self._keep_alive = False
@@ -294,11 +294,31 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._waiter is None:
             raise Stale  # a response nobody asked for: data_received closes the connection
-        self._raw = []
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._connection = None
+        self._upgrade_value = None
         self._parts = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name, value))  # decoded at once in on_headers_complete
+        # Sorted and decoded as it arrives: httptools calls this once per complete
+        # field anyway, so a second pass over a list of raw fields would only add work.
+        key = _NAME_CACHE.get(name)
+        if key is None:
+            key = _header_name(name)
+        if key not in HOP_BY_HOP:
+            text = value.decode("latin-1")
+            self._headers.append((key, text))
+            if key == "content-length":
+                self._content_length = text
+        elif key == "transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
+        elif key == "connection":
+            text = value.decode("latin-1")
+            self._connection = text if self._connection is None else f"{self._connection}, {text}"
+        elif key == "upgrade":
+            self._upgrade_value = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -309,35 +329,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._status = status
         self._keep_alive = parser.should_keep_alive()
-        headers: Headers = []
-        append = headers.append
-        cache = _NAME_CACHE
-        content_length: str | None = None
-        chunked = False
-        connection: str | None = None
-        upgrade: str | None = None
-        for name, value in self._raw:
-            key = cache.get(name)
-            if key is None:
-                key = _header_name(name)
-            if key not in HOP_BY_HOP:
-                text = value.decode("latin-1")
-                append((key, text))
-                if key == "content-length":
-                    content_length = text
-            elif key == "transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif key == "connection":
-                text = value.decode("latin-1")
-                connection = text if connection is None else f"{connection}, {text}"
-            elif key == "upgrade":
-                upgrade = value.decode("latin-1")
+        connection = self._connection
         if connection is not None and connection.strip().lower() not in _CONNECTION_KEYWORDS:
-            headers = remove_named(headers, connection)
-        self._headers = headers
-        self._content_length = content_length
-        self._chunked = chunked
-        self._upgrade_value = upgrade
+            self._headers = remove_named(self._headers, connection)
         if status == 101:
             self._headers.append(("upgrade", self._upgrade_value or ""))
             return
