@@ -184,3 +184,22 @@ def test_proxy_bench_smoke_run_produces_numbers_and_stops_everything(tmp_path: P
     started = [pid for pids in raw["pids"].values() for pid in pids]
     assert len(started) >= 5  # two nginx masters and their workers, the baseline proxy
     assert not [pid for pid in started if _alive(pid)], "the bench left processes running"
+
+
+@pytest.mark.slow
+def test_apply_and_parts_benches_run(tmp_path: Path) -> None:
+    """bench/apply.py and bench/proxy_parts.py run end to end on tiny inputs (no timing asserted)."""
+    apply_out = subprocess.run(
+        [sys.executable, str(BENCH / "apply.py"), "--services", "10", "--runs", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    row = [line for line in apply_out.splitlines() if line.startswith("| 10 |")]
+    assert row, apply_out
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert len(cells) == 8 and all(float(c) >= 0 for c in cells[1:])
+    parts_out = subprocess.run(
+        [sys.executable, str(BENCH / "proxy_parts.py"), "--n", "200"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    for piece in ("reader", "upstream", "route+chain", "response head"):
+        assert re.search(rf"^{re.escape(piece)}\s+[0-9.]+ µs$", parts_out, re.M), parts_out
