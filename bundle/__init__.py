@@ -11,8 +11,9 @@ requests), `keys`/`dsse`/`release` (signed releases), `errors` (the exception tr
 # `starmesh.bundle.spec`, the evaluation worker) does not import the whole package.
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from starmesh.bundle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from starmesh.bundle.canonical import (
@@ -89,14 +90,4 @@ _WHERE: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

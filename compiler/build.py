@@ -120,34 +120,31 @@ class _SpecBuilder:
             self._services[name] = value
 
     def _declare_http_route(self, call: Call) -> None:
-        bound = self._converter.check(call)
-        service = _key(bound, "service")
-        if service is None or not self._first(
-            f"http_route/{service}", call, "SM305", f'more than one http_route for service "{service}"',
-            "merge the rules into one http_route (rules are tried in order)",
-        ):
-            return
-        rules = self._converter.build(bound)
-        if rules is INVALID:
-            return
-        self._routes[service] = rules
-        for index, rule_call in enumerate(bound.raw["rules"]):
-            self._source_map[f"route/{service}/{index}"] = rule_call.location
+        self._declare_per_service(
+            call, "http_route", self._routes, "route", "merge the rules into one http_route (rules are tried in order)"
+        )
 
     def _declare_authorization(self, call: Call) -> None:
+        self._declare_per_service(
+            call, "authorization", self._authorization, "authorization", "merge the allow rules into one authorization"
+        )
+
+    def _declare_per_service(
+        self, call: Call, kind: str, into: dict[str, Any], rule_key: str, hint: str
+    ) -> None:
+        """An http_route or authorization: one per service, each of its rules in the source map."""
         bound = self._converter.check(call)
         service = _key(bound, "service")
         if service is None or not self._first(
-            f"authorization/{service}", call, "SM305", f'more than one authorization for service "{service}"',
-            "merge the allow rules into one authorization",
+            f"{kind}/{service}", call, "SM305", f'more than one {kind} for service "{service}"', hint
         ):
             return
         value = self._converter.build(bound)
         if value is INVALID:
             return
-        self._authorization[service] = value
-        for index, allow_call in enumerate(bound.raw["rules"]):
-            self._source_map[f"authorization/{service}/{index}"] = allow_call.location
+        into[service] = value
+        for index, rule_call in enumerate(bound.raw["rules"]):
+            self._source_map[f"{rule_key}/{service}/{index}"] = rule_call.location
 
     def _declare_request_test(self, call: Call) -> None:
         bound = self._converter.check(call)
