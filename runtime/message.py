@@ -93,6 +93,9 @@ class Request:
     whole request must be answered (set by the timeout filter), None = unbounded.
     `target_version` is the version the weighted split picked for this request (set
     once, before retries; None = any endpoint of the service). `attempt` counts tries.
+
+    Every argument can be passed by position: the reader does (one call per request,
+    and keyword arguments to `__init__` cost it about 0.25 µs); elsewhere, name them.
     """
 
     __slots__ = (
@@ -121,7 +124,6 @@ class Request:
         query: str | None,
         headers: Headers,
         body: Body,
-        *,
         service: str = "",
         authority: str = "",
         client: str = "",

@@ -325,18 +325,20 @@ class _ServerConnection(asyncio.Protocol):
         status = response.status
         body = response.body
         close = self._close_after or not request.keep_alive or self._reader.parsing is request
-        tail = "connection: close\r\n\r\n" if close else "\r\n"
-        if not close and request.version == "1.0":
-            tail = "connection: keep-alive\r\n\r\n"
-        self._close_after = close
+        if close:
+            tail = "connection: close\r\n\r\n"
+            self._close_after = True
+        else:
+            tail = "connection: keep-alive\r\n\r\n" if request.version == "1.0" else "\r\n"
         if status < 200 or status in (204, 304) or request.method == "HEAD":
             self._transport.write(encode_head(status_line(status), response.headers, _SKIP_KEEP_LENGTH, tail))
             body.close()
             return True
         data = body.complete()
         if data is not None:
-            head = encode_head(status_line(status), response.headers, _SKIP, f"content-length: {len(data)}\r\n{tail}")
-            if len(data) < _LARGE_WRITE:
+            size = len(data)
+            head = encode_head(status_line(status), response.headers, _SKIP, f"content-length: {size}\r\n{tail}")
+            if size < _LARGE_WRITE:
                 self._transport.write(head + data)
             else:
                 self._transport.writelines((head, data))

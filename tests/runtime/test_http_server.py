@@ -20,6 +20,7 @@ from aiohttp import web
 from starmesh.runtime.http.client import UpstreamPool
 from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.http.server import Dispatch, start_listener
+from starmesh.runtime.http.wire import encode_head, status_line
 from starmesh.runtime.message import FixedBody, Request, Response
 
 # -- helpers -----------------------------------------------------------------------------
@@ -603,3 +604,15 @@ def test_peer_identity_is_the_inbound_source() -> None:
 
     run(main())
     assert seen[0].source == "productpage"
+
+
+@pytest.mark.parametrize("count", [0, 3, 40])
+def test_encode_head_writes_every_field_not_skipped_in_order(count: int) -> None:
+    headers = [(f"x-{i}", f"v{i}") for i in range(count)] + [("connection", "close"), ("x-name", "caf\u00e9")]
+    head = encode_head(status_line(200), headers, frozenset({"connection"}), "content-length: 0\r\n\r\n")
+    fields = "".join(f"x-{i}: v{i}\r\n" for i in range(count))
+    assert head == f"HTTP/1.1 200 OK\r\n{fields}x-name: caf\u00e9\r\ncontent-length: 0\r\n\r\n".encode("latin-1")
+    # a value outside latin-1 (set by policy) goes out as UTF-8
+    assert encode_head("GET / HTTP/1.1\r\n", [("x-v", "\u2713")] * (count + 1), frozenset(), "\r\n").endswith(
+        "x-v: \u2713\r\n\r\n".encode()
+    )

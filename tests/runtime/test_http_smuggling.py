@@ -15,6 +15,7 @@ import pytest
 
 from starmesh.runtime.http.client import UpstreamPool
 from starmesh.runtime.http.limits import HttpLimits
+from starmesh.runtime.http.reader import RequestReader
 from starmesh.runtime.http.server import Dispatch, start_listener
 from starmesh.runtime.message import FixedBody, Request, Response
 
@@ -261,3 +262,47 @@ def test_the_upstream_sees_the_proxy_framing_only(chunked: bool) -> None:
         assert lower.count(b"transfer-encoding: chunked") == 1 and b"content-length" not in lower
     else:
         assert lower.count(b"content-length: 11") == 1 and b"transfer-encoding" not in lower
+
+
+class _Owner:
+    """A RequestReader owner that records what it is handed."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.rejected: list[int] = []
+
+    def enqueue(self, request: Request) -> None:
+        self.requests.append(request)
+
+    def reject(self, status: int, message: str) -> None:
+        self.rejected.append(status)
+
+    def head_started(self) -> None: ...
+
+    def upgraded(self, early: bytes) -> None: ...
+
+    def pause_body(self) -> None: ...
+
+    def resume_body(self) -> None: ...
+
+    def body_reading(self, body: object) -> None: ...
+
+    def body_closed(self, body: object) -> None: ...
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "two-reads"])
+def test_the_head_size_limit_is_exact_however_the_head_arrives(split: bool) -> None:
+    # Counted as the reader does: the target, plus name, value and 4 per field (the
+    # head's bytes, 72, are more: the reader counts exactly when they exceed the limit).
+    head = b"GET /abc HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * 40 + b"\r\n\r\n"
+    size = len("/abc") + (4 + 1 + 4) + (5 + 40 + 4)
+    for limit, accepted in ((size, True), (size - 1, False)):
+        owner = _Owner()
+        limits = HttpLimits(max_header_bytes=limit)
+        reader = RequestReader(owner, limits, lambda: 0.0, client="", source=None, forwarded_for=False)
+        if split:
+            reader.feed(head[:30])
+            reader.feed(head[30:])
+        else:
+            reader.feed(head)
+        assert (len(owner.requests), owner.rejected) == ((1, []) if accepted else (0, [431]))
