@@ -23,7 +23,7 @@ from starmesh.runtime.http.body import StreamBody
 from starmesh.runtime.http.errors import RequestBodyError, UpstreamError
 from starmesh.runtime.http.headers import HOP_BY_HOP, NOT_FORWARDED, remove_named
 from starmesh.runtime.http.tunnel import Tunnel
-from starmesh.runtime.http.wire import LAST_CHUNK, chunk_prefix, encode_head
+from starmesh.runtime.http.wire import LAST_CHUNK, chunk_prefix
 from starmesh.runtime.message import EMPTY, Body, FixedBody, Headers, Request, Response
 
 __all__ = ["ConnectionOwner", "Stale", "UpstreamConnection", "request_head"]
@@ -32,8 +32,13 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods that announce `content-length: 0` for an empty body."""
 
 _CONNECTION_KEYWORDS = frozenset({"close", "keep-alive", "upgrade"})
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX = 2048
+_FORWARDED: dict[bytes, str] = {}
+"""Raw field name -> lower-case name, for the names seen so far that are not hop-by-hop."""
+_FORWARDED_MAX = 2048
+_HOP_NAMES: dict[bytes, str] = {}
+"""Raw field name -> lower-case name, for the hop-by-hop names seen so far."""
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+"""Common Connection values that name no other field (the usual answer's only one)."""
 _LARGE_WRITE = 64 * 1024
 
 
@@ -79,17 +84,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[Response] | None = None
         self._stream: StreamBody | None = None
         self._received = False
+        self._version = ""
         self._request_sent = False
         self._head_request = False
-        self._upgrade = False
-        self._interim = False
         self._head_done = False
         self._status = 0
         self._headers: Headers = []
-        self._content_length: str | None = None
-        self._connection: str | None = None
+        self._hop: list[tuple[str, bytes]] | None = None
         self._chunked = False
-        self._upgrade_value: str | None = None
         self._keep_alive = False
         self._close_delimited = False
         self._length: int | None = None
@@ -107,7 +109,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_sent = False
         self._head_done = False
         self._head_request = request.method == "HEAD"
-        self._upgrade = request.upgrade
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter
         body = request.body
@@ -217,7 +218,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._waiter is None and self._stream is None:
             self.close()  # bytes nobody asked for (or after a failure): never reuse
             return
-        self._received = True
+        if not self._received:
+            # The first bytes of the answer start its status line (see `_response`).
+            self._received = True
+            self._version = "1.1" if data.startswith(b"HTTP/1.1 ") else ""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -236,6 +240,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._head_done and self._waiter is not None:
             # The head is here, the body is still arriving: hand out a stream.
+            if self._hop is None:
+                self._framing()  # else on_headers_complete did
             stream = self._stream = StreamBody(self._length, self, self._parts)
             self._parts = None
             self._resolve(self._response(stream))
@@ -295,45 +301,70 @@ class UpstreamConnection(asyncio.Protocol):
         if self._waiter is None:
             raise Stale  # a response nobody asked for: data_received closes the connection
         self._headers = []
-        self._content_length = None
-        self._chunked = False
-        self._connection = None
-        self._upgrade_value = None
+        self._hop = None
         self._parts = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Sorted and decoded as it arrives: httptools calls this once per complete
-        # field anyway, so a second pass over a list of raw fields would only add work.
-        key = _NAME_CACHE.get(name)
+        """Decode a forwarded field as it arrives; anything else takes `_other_header`.
+
+        httptools calls this once per complete field anyway, so a second pass over a
+        list of raw fields would only add work. `_FORWARDED` holds only names that are
+        forwarded as they are, so the common field costs one lookup and one decode.
+        """
+        key = _FORWARDED.get(name)
+        if key is not None:
+            self._headers.append((key, value.decode("latin-1")))
+        else:
+            self._other_header(name, value)
+
+    def _other_header(self, name: bytes, value: bytes) -> None:
+        """A hop-by-hop field (kept aside for `on_headers_complete`), or a name not yet cached."""
+        key = _HOP_NAMES.get(name)
         if key is None:
-            key = _header_name(name)
-        if key not in HOP_BY_HOP:
-            text = value.decode("latin-1")
-            self._headers.append((key, text))
-            if key == "content-length":
-                self._content_length = text
-        elif key == "transfer-encoding":
-            self._chunked = b"chunked" in value.lower()
-        elif key == "connection":
-            text = value.decode("latin-1")
-            self._connection = text if self._connection is None else f"{self._connection}, {text}"
-        elif key == "upgrade":
-            self._upgrade_value = value.decode("latin-1")
+            key = name.decode("latin-1").lower()
+            if key not in HOP_BY_HOP:
+                if len(_FORWARDED) < _FORWARDED_MAX:
+                    _FORWARDED[name] = key
+                self._headers.append((key, value.decode("latin-1")))
+                return
+            if len(_HOP_NAMES) < _FORWARDED_MAX:
+                _HOP_NAMES[name] = key
+        if key == "connection":
+            if value in _PLAIN_CONNECTION:
+                return  # names no field to drop; keep-alive itself is httptools' to judge
+        elif key != "transfer-encoding" and key != "upgrade":
+            return  # Keep-Alive, TE, Trailer, Proxy-*: dropped, with nothing to learn from them
+        if self._hop is None:
+            self._hop = [(key, value)]
+        else:
+            self._hop.append((key, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         if status < 200 and status != 101:
-            self._interim = True  # 100 Continue, 103 Early Hints: the real answer follows
-            return
-        self._interim = False
+            self._version = ""  # the real answer's own status line says its version
+            return  # 100 Continue, 103 Early Hints: the real answer follows
         self._status = status
         self._keep_alive = parser.should_keep_alive()
-        connection = self._connection
-        if connection is not None and connection.strip().lower() not in _CONNECTION_KEYWORDS:
-            self._headers = remove_named(self._headers, connection)
+        hop = self._hop
+        self._chunked = False
+        upgrade = ""
+        if hop is not None:
+            connection: str | None = None
+            for key, value in hop:
+                if key == "transfer-encoding":
+                    self._chunked = b"chunked" in value.lower()
+                elif key == "connection":
+                    text = value.decode("latin-1")
+                    connection = text if connection is None else f"{connection}, {text}"
+                elif key == "upgrade":
+                    upgrade = value.decode("latin-1")
+            self._framing()  # now: Connection may name (and so drop) Content-Length
+            if connection is not None and connection.strip().lower() not in _CONNECTION_KEYWORDS:
+                self._headers = remove_named(self._headers, connection)
         if status == 101:
-            self._headers.append(("upgrade", self._upgrade_value or ""))
+            self._headers.append(("upgrade", upgrade))
             return
         if self._head_request:
             # No body follows, whatever Content-Length says; httptools cannot be told so,
@@ -341,16 +372,25 @@ class UpstreamConnection(asyncio.Protocol):
             self._resolve(self._response(EMPTY))
             self._end(False)
             return
-        if status in (204, 304):
+        self._head_done = True
+
+    def _framing(self) -> None:
+        """Length and framing of a body that does not come with its head (a streamed one).
+
+        Only a streamed body needs them, so they are found when one is handed out, or
+        in `on_headers_complete` when hop-by-hop fields came (before Connection's removals).
+        """
+        if self._status in (204, 304):
             self._length = 0
         elif self._chunked:
             self._length = None
-        elif self._content_length is not None:
-            self._length = int(self._content_length)
         else:
-            self._length = None
+            content_length: str | None = None
+            for key, value in self._headers:
+                if key == "content-length":
+                    content_length = value
+            self._length = None if content_length is None else int(content_length)
         self._close_delimited = self._length is None and not self._chunked
-        self._head_done = True
 
     def on_body(self, data: bytes) -> None:
         stream = self._stream
@@ -362,26 +402,40 @@ class UpstreamConnection(asyncio.Protocol):
             self._parts.append(data)
 
     def on_message_complete(self) -> None:
-        if self._interim or not self._head_done:
-            return
+        if not self._head_done:
+            return  # an interim answer, or a HEAD response already handed out
         self._head_done = False
         stream = self._stream
         if stream is not None:
             self._stream = None
             stream.finish()
         else:
+            # The whole body came with the head: resolve with a FixedBody (inlined
+            # `_resolve(_response(...))`, this is the common exchange).
             parts = self._parts
-            self._parts = None
             if parts is None:
                 body: Body = EMPTY
             else:
+                self._parts = None
                 body = FixedBody(parts[0] if len(parts) == 1 else b"".join(parts))
-            self._resolve(self._response(body))
+            waiter = self._waiter
+            self._waiter = None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(self._response(body))
         self._end(self._keep_alive and self._request_sent and not self._closed)
 
     def _response(self, body: Body) -> Response:
-        version = self._parser.get_http_version()
-        return Response(self._status, self._headers, body, endpoint=self.endpoint, version=version)
+        """The Response for the head just parsed.
+
+        `endpoint` and `version` are set after construction: passing them as keywords
+        costs more than the two attribute writes (this runs once per exchange). The
+        version is read off the first bytes of the answer when they say HTTP/1.1
+        (`data_received`): httptools formats a new string for every call.
+        """
+        response = Response(self._status, self._headers, body)
+        response.endpoint = self.endpoint
+        response.version = self._version or self._parser.get_http_version()
+        return response
 
     def _switched(self, early: bytes) -> None:
         """The upstream answered 101: the connection becomes the upstream half of a tunnel."""
@@ -416,16 +470,23 @@ class UpstreamConnection(asyncio.Protocol):
             self._end(False)
 
 
-def _header_name(name: bytes) -> str:
-    key = name.decode("latin-1").lower()
-    if len(_NAME_CACHE) < _NAME_CACHE_MAX:
-        _NAME_CACHE[name] = key
-    return key
-
-
 def request_head(request: Request, authority: str, framing: str) -> bytes:
-    first = f"{request.method} {request.target} HTTP/1.1\r\nhost: {authority}\r\n"
+    """The request head sent upstream: request line, Host, the forwarded fields, `framing`.
+
+    Built by appending to one string (CPython grows it in place) and encoded once:
+    values are latin-1 on the wire, and one outside latin-1 (set by policy) is sent as
+    UTF-8 rather than failing the request.
+    """
+    text = f"{request.method} {request.target} HTTP/1.1\r\nhost: {authority}\r\n"
+    for name, value in request.headers:
+        if name not in NOT_FORWARDED:
+            text += f"{name}: {value}\r\n"
     if request.upgrade:
         upgrade = request.header("upgrade") or ""
-        return encode_head(first, request.headers, NOT_FORWARDED, f"connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n")
-    return encode_head(first, request.headers, NOT_FORWARDED, f"{framing}\r\n")
+        text += f"connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+    else:
+        text += f"{framing}\r\n"
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")

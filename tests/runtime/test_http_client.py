@@ -12,9 +12,10 @@ import pytest
 
 from starmesh.runtime.http.body import StreamBody
 from starmesh.runtime.http.client import UpstreamError, UpstreamPool
+from starmesh.runtime.http.connection import UpstreamConnection
 from starmesh.runtime.http.errors import HttpError
 from starmesh.runtime.http.limits import HttpLimits
-from starmesh.runtime.message import EMPTY, Body, FixedBody, Request
+from starmesh.runtime.message import EMPTY, Body, FixedBody, Request, Response
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -427,5 +428,84 @@ def test_retain_closes_idle_connections_to_removed_endpoints() -> None:
             await until(lambda: a.closed == 1)
             assert b.closed == 0
             await pool.close()
+
+    run(main())
+
+
+# -- parsing, in process -----------------------------------------------------------------
+
+
+class _Owner:
+    """A ConnectionOwner that records what its connection reports."""
+
+    def __init__(self) -> None:
+        self.released = 0
+
+    def opened(self, conn: UpstreamConnection) -> None: ...
+    def lost(self, conn: UpstreamConnection) -> None: ...
+    def ended(self, endpoint: str) -> None: ...
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.released += 1
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def test_response_fields_version_and_framing_as_parsed() -> None:
+    async def main() -> None:
+        owner = _Owner()
+        conn = UpstreamConnection(owner, "127.0.0.1:1", asyncio.get_running_loop())
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+
+        async def exchange(*chunks: bytes) -> Response:
+            waiter = conn.exchange(request(), "svc")
+            for chunk in chunks:
+                conn.data_received(chunk)
+            return await waiter
+
+        ok = b"Content-Length: 2\r\n\r\nok"
+        response = await exchange(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + ok)
+        assert (response.version, response.body.complete()) == ("1.1", b"ok")
+        assert response.headers == [("x-a", "1"), ("content-length", "2")]
+        assert isinstance(response.body, FixedBody) and response.endpoint == "127.0.0.1:1"
+        response = await exchange(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n" + ok)
+        assert response.version == "1.0"
+        response = await exchange(b"HTT", b"P/1.1 200 OK\r\n" + ok)  # the version line split
+        assert response.version == "1.1"
+        response = await exchange(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nConnection: keep-alive\r\n" + ok)
+        assert (response.status, response.version) == (200, "1.0")
+        fields = b"Connection: x-drop, keep-alive\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\nX-Keep: 2\r\n"
+        response = await exchange(b"HTTP/1.1 200 OK\r\n" + fields + ok)
+        assert response.headers == [("x-keep", "2"), ("content-length", "2")]
+        # The head alone: the body streams, its length from Content-Length or none when chunked.
+        response = await exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+        assert isinstance(response.body, StreamBody) and response.body.length == 5
+        conn.data_received(b"cde")
+        assert await read_all(response.body) == b"abcde"
+        response = await exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert isinstance(response.body, StreamBody) and response.body.length is None
+        conn.data_received(b"3\r\nxyz\r\n0\r\n\r\n")
+        assert await read_all(response.body) == b"xyz"
+        # Connection may name Content-Length: dropped from the fields, still the framing.
+        response = await exchange(b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n")
+        assert response.headers == [] and isinstance(response.body, StreamBody) and response.body.length == 3
+        conn.data_received(b"abc")
+        assert await read_all(response.body) == b"abc"
+        assert owner.released == 8
+        conn.close()
 
     run(main())
