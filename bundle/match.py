@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+import msgspec
+
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.spec import Match, StringMatch
 
@@ -39,21 +41,20 @@ def split_path(path: str) -> tuple[str, str | None]:
     return head, query
 
 
-class RequestView:
+class RequestView(msgspec.Struct, gc=False):
     """What conditions read from one request. Built per request, so kept tiny.
 
     `method` is upper-case, `path` has no query string, `headers` maps lower-case
     names to values. The query string is parsed only if a condition asks for it.
+    A msgspec Struct: its C constructor costs half of a Python `__init__` (built on
+    every routed request); `gc=False` because it holds no reference cycles.
     """
 
-    __slots__ = ("method", "path", "headers", "query", "_params")
-
-    def __init__(self, method: str, path: str, headers: Mapping[str, str], query: str | None) -> None:
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.query = query
-        self._params: dict[str, str] | None = None
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    query: str | None
+    _params: dict[str, str] | None = None
 
     @property
     def params(self) -> Mapping[str, str]:
@@ -159,7 +160,7 @@ class _Value:
         return (req.params if self.in_query else req.headers).get(self.name)
 
     def test(self, req: RequestView) -> bool:
-        actual = self._get(req)
+        actual = (req.params if self.in_query else req.headers).get(self.name)  # _get, inlined
         if actual is None:
             return False
         if self.regex is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from starmesh.bundle.authz import PreparedAuthorization, prepare_authorization
@@ -61,6 +61,17 @@ class PreparedRule:
     set_request_headers: tuple[tuple[str, str], ...]
     remove_request_headers: tuple[str, ...]
     location: SourceLocation | None
+    _by_roll: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """The pick for each whole roll 0..99 (the weights are whole percents, so every
+    roll in [k, k+1) picks alike): `pick` is one index instead of a bisect."""
+
+    def __post_init__(self) -> None:
+        by_roll = tuple(self._bisect(float(k)) for k in range(100)) if self.backends else ()
+        object.__setattr__(self, "_by_roll", by_roll)
+
+    def _bisect(self, roll: float) -> str:
+        i = bisect.bisect_right(self.cumulative, roll)
+        return self.backends[min(i, len(self.backends) - 1)]
 
     def applies(self, req: RequestView) -> bool:
         """Whether any match holds (OR); a rule without matches applies to everything."""
@@ -75,8 +86,9 @@ class PreparedRule:
         """The version for a roll in [0, 100); None when every endpoint is eligible."""
         if not self.backends:
             return None
-        i = bisect.bisect_right(self.cumulative, roll)
-        return self.backends[min(i, len(self.backends) - 1)]
+        if 0.0 <= roll < 100.0:
+            return self._by_roll[int(roll)]
+        return self._bisect(roll)
 
 
 @dataclass(frozen=True, slots=True)

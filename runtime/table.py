@@ -32,10 +32,14 @@ __all__ = ["RouteTable", "routing_headers"]
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-def routing_headers(headers: Headers) -> dict[str, str]:
-    """Headers as matching reads them: lower-case names (already so), repeats joined with ","."""
+def routing_headers(headers: Headers, names: frozenset[str] | None = None) -> dict[str, str]:
+    """Headers as matching reads them: lower-case names (already so), repeats joined with ",".
+
+    With `names`, only those headers (the ones a service's rules read) are kept."""
     out: dict[str, str] = {}
     for name, value in headers:
+        if names is not None and name not in names:
+            continue
         if name in out:
             out[name] = f"{out[name]},{value}"
         else:
@@ -66,11 +70,12 @@ class RouteTable:
         self._route = decisions.route
         self._handlers = handlers
         self._inbound = inbound
-        self._reads_headers = frozenset(
-            name
-            for name, rules in bundle.spec.routes.items()
-            if any(match.headers for rule in rules for match in rule.match)
-        )
+        # service -> the header names its rules read (only services whose rules read any).
+        self._reads_headers: dict[str, frozenset[str]] = {}
+        for name, rules in bundle.spec.routes.items():
+            read = frozenset(header.lower() for rule in rules for match in rule.match for header in match.headers)
+            if read:
+                self._reads_headers[name] = read
 
     @classmethod
     def build(
@@ -107,7 +112,8 @@ class RouteTable:
 
         Returns the chain's awaitable directly: routing adds no coroutine layer."""
         service = request.service
-        headers = routing_headers(request.headers) if service in self._reads_headers else _NO_HEADERS
+        read = self._reads_headers.get(service)
+        headers = _NO_HEADERS if read is None else routing_headers(request.headers, read)
         decision = self._route(service, request.method, request.path, headers, request.query)
         if decision is None:
             return _answer(proxy_response(404, "no-route", f"unknown service {service!r} (the bundle does not declare it)"))

@@ -22,6 +22,8 @@ __all__ = ["DURATION_BUCKETS", "MemoryRecorder", "Recorder"]
 DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Upper bounds (seconds) of the duration histogram's buckets; +Inf is implied."""
 
+_bisect_left = bisect.bisect_left
+
 _LABELS = ("direction", "source_service", "destination_service", "destination_version", "response_code", "reason")
 
 
@@ -88,12 +90,13 @@ class MemoryRecorder:
         seconds: float,
     ) -> None:
         key = (direction, source, destination, version, status, reason)
-        series = self._series.get(key)
-        if series is None:
+        try:
+            series = self._series[key]
+        except KeyError:
             series = self._series[key] = _Series()
         series.count += 1
         series.total += seconds
-        series.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        series.buckets[_bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def mirror_dropped(self, service: str) -> None:
         self.mirror_drops[service] = self.mirror_drops.get(service, 0) + 1

@@ -114,7 +114,7 @@ def balancer(
             raise
         if response.status >= 500:
             state.failure(endpoint, candidates, clock())
-        else:
+        elif state.failures:  # a run to end (success() is a no-op otherwise)
             state.success(endpoint)
         return response
 

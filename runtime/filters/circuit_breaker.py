@@ -99,7 +99,10 @@ def circuit_breaker_filter(state: BreakerState) -> Filter:
             try:
                 return await inner(request)
             finally:
-                state.release()
+                if state.waiters:
+                    state.release()
+                else:  # release() without waiters, inlined: free the slot
+                    state.active -= 1
 
         return breaker
 

@@ -124,7 +124,6 @@ def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Ran
     def wrap(inner: Handler) -> Handler:
         async def retry(request: Request) -> Response:
             loop, task = running()
-            idempotent = request.method in IDEMPOTENT_METHODS
             data = request.body.complete()
             recording: Recording | None = None
             if data is None:
@@ -150,18 +149,24 @@ def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Ran
                         response = await inner(request)
                     except UpstreamError as exc:
                         error = exc
-                        again = retryable_error(exc) and (idempotent or not exc.sent)
+                        again = retryable_error(exc) and (not exc.sent or request.method in IDEMPOTENT_METHODS)
                     except asyncio.CancelledError:
                         if expiry is None or not expiry.expired():
                             raise
-                        again = on_5xx and idempotent  # cut off by per_try_timeout
+                        again = on_5xx and request.method in IDEMPOTENT_METHODS  # cut off by per_try_timeout
                     else:
-                        if expiry is not None and expiry.expired():  # the inner code swallowed the cancellation
+                        # The inner code swallowed the cancellation (`fired` first: expired()
+                        # is only worth a call once the timer fired).
+                        if expiry is not None and expiry.fired and expiry.expired():
                             response.body.close()
                             response = None
-                            again = on_5xx and idempotent
+                            again = on_5xx and request.method in IDEMPOTENT_METHODS
                         else:
-                            again = retryable_response(response) and idempotent
+                            again = (
+                                response.status >= 500
+                                and retryable_response(response)
+                                and request.method in IDEMPOTENT_METHODS
+                            )
                     finally:
                         if expiry is not None:
                             expiry.finish()

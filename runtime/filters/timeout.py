@@ -46,7 +46,7 @@ def timeout_filter(timeout_ms: int | None) -> Filter | None:
                 raise
             finally:
                 expiry.finish()
-            if expiry.expired():  # the inner code swallowed the cancellation
+            if expiry.fired and expiry.expired():  # the inner code swallowed the cancellation
                 response.body.close()
                 return timed_out()
             return response
