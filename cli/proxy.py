@@ -54,6 +54,20 @@ def _address(param: str, value: str, *, listener: bool) -> str:
 @click.option("--trust", multiple=True, metavar="FILE", help="Trusted release signing key (issue 4).")
 @click.option("--ca-cert", metavar="FILE", help="The mesh root certificate (issue 4).")
 @click.option("--join-token", metavar="T", help="The mesh's join token (issue 4).")
+@click.option(
+    "--max-request-body",
+    type=click.IntRange(min=1),
+    metavar="BYTES",
+    help="Answer 413 to request bodies larger than this (default: no limit; bodies are streamed).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.001, max=3600),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Answer 408 and close when a request head takes longer than this (slowloris).",
+)
 def proxy_command(
     service: str,
     version: str,
@@ -68,6 +82,8 @@ def proxy_command(
     trust: tuple[str, ...],
     ca_cert: str | None,
     join_token: str | None,
+    max_request_body: int | None,
+    header_timeout: float,
 ) -> None:
     """Run the sidecar proxy for one instance of SERVICE at VERSION.
 
@@ -115,6 +131,7 @@ def proxy_command(
     except OSError as exc:
         raise InputError(f"--state-dir {state_dir}: cannot create it: {exc.strerror or exc}") from exc
 
+    from starmesh.runtime.http.limits import HttpLimits
     from starmesh.runtime.proxy import ProxyConfig, run_proxy
 
     config = ProxyConfig(
@@ -127,5 +144,6 @@ def proxy_command(
         state_dir=state_dir,
         bundle=bundle,
         endpoints=endpoints,
+        limits=HttpLimits(max_request_body=max_request_body, header_timeout=header_timeout),
     )
     sys.exit(run_proxy(config))

@@ -71,6 +71,7 @@ class ProxyConfig:
     bundle: Path | None = None
     endpoints: Path | None = None
     grace_seconds: float = 10.0
+    limits: HttpLimits = HttpLimits()
 
 
 def _not_ready_answer(why: Callable[[], str]) -> Callable[[], Awaitable[Response]]:
@@ -86,7 +87,7 @@ class Proxy:
     def __init__(self, config: ProxyConfig, *, out: TextIO = sys.stdout) -> None:
         self.config = config
         self.out = out
-        self.limits = HttpLimits()
+        self.limits = config.limits
         self.pool = UpstreamPool(self.limits)
         self.recorder = MemoryRecorder()
         self.endpoints = Endpoints()

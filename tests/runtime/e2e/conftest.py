@@ -567,9 +567,10 @@ class Mesh:
         endpoints: Path | None = None,
         version: str = "v1",
         app: str = "127.0.0.1:9",
+        extra: Sequence[str] = (),
     ) -> Proxy:
         """Start a proxy and wait until it is ready (its bundle applied)."""
-        proxy = self.start_proxy(service, version, app, bundle, endpoints)
+        proxy = self.start_proxy(service, version, app, bundle, endpoints, extra=extra)
         proxy.wait_ready()
         return proxy
 

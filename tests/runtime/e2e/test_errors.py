@@ -120,7 +120,12 @@ def test_bad_input_is_refused_and_the_connection_closed(mesh: Any, h: Any) -> No
 
 def test_slow_headers_get_408_while_others_are_served(mesh: Any, h: Any) -> None:
     app = mesh.app("v1")
-    proxy = mesh.proxy("frontend", mesh.bundle(SERVICES), mesh.endpoints({"reviews": {"v1": [app.address]}}))
+    proxy = mesh.proxy(
+        "frontend",
+        mesh.bundle(SERVICES),
+        mesh.endpoints({"reviews": {"v1": [app.address]}}),
+        extra=["--header-timeout", "2"],
+    )
     host, port = proxy.outbound.rsplit(":", 1)
 
     async def slowloris() -> tuple[bytes, int]:
@@ -153,3 +158,19 @@ def test_slow_headers_get_408_while_others_are_served(mesh: Any, h: Any) -> None
     assert h.status_of(received) == 408, received[:200]
     assert sent >= 5
     assert app.stats() == {"GET /api": 1}
+
+
+def test_request_bodies_over_max_request_body_get_413(mesh: Any, h: Any) -> None:
+    app = mesh.app("v1")
+    proxy = mesh.proxy(
+        "frontend",
+        mesh.bundle(SERVICES),
+        mesh.endpoints({"reviews": {"v1": [app.address]}}),
+        extra=["--max-request-body", "1000"],
+    )
+    head = b"POST /api HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+    small = h.raw_exchange(proxy.outbound, head % 1000 + b"a" * 1000)[0]
+    large = h.raw_exchange(proxy.outbound, head % 1001 + b"a" * 1001)[0]
+    assert h.status_of(small) == 200, small[:200]
+    assert h.status_of(large) == 413, large[:200]
+    assert app.stats() == {"POST /api": 1}
