@@ -66,6 +66,8 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream endpoint: one exchange at a time."""
 
     def __init__(self, pool: ConnectionOwner, endpoint: str, loop: asyncio.AbstractEventLoop) -> None:
+        # 29 instance attributes: a 30th measured ~0.15 us slower per exchange (CPython
+        # 3.11 limits the size of its shared-keys instance layout); mind it before adding one.
         self.endpoint = endpoint
         self.usable = False
         self.owes_active = False
