@@ -28,7 +28,7 @@ from starmesh.bundle.errors import BundleError
 from starmesh.bundle.explain import Decision, RequestInfo, explain_request
 from starmesh.bundle.gcpause import paused_gc
 from starmesh.bundle.golden import RequestTestFailure, run_request_tests
-from starmesh.bundle.match import PreparedMatch, RequestView
+from starmesh.bundle.match import RequestView, Test, any_match
 from starmesh.bundle.routes import PreparedRule, PreparedService, prepare_service
 from starmesh.bundle.spec import Spec
 
@@ -70,12 +70,12 @@ class RouteDecision:
 
 @dataclass(frozen=True, slots=True)
 class _Routing:
-    """A service's rules in order as `route` reads them: (the rule's matches, or None
-    when it applies to everything, and its decision). `route` inlines
-    `PreparedRule.applies` over these (one call per match instead of two per rule)."""
+    """A service's rules in order as `route` reads them: (the rule's matches compiled
+    into one test (`any_match`), or None when it applies to everything, and its
+    decision): one call per rule, the same answer as `PreparedRule.applies`."""
 
     service: PreparedService
-    candidates: tuple[tuple[tuple[PreparedMatch, ...] | None, RouteDecision], ...]
+    candidates: tuple[tuple[Test | None, RouteDecision], ...]
     no_route: RouteDecision
 
 
@@ -90,7 +90,9 @@ class DecisionTable:
         self._routing = {
             name: _Routing(
                 service=svc,
-                candidates=tuple((rule.matches or None, RouteDecision(svc, rule)) for rule in svc.rules),
+                candidates=tuple(
+                    (any_match(rule.matches) if rule.matches else None, RouteDecision(svc, rule)) for rule in svc.rules
+                ),
                 no_route=RouteDecision(svc, None),
             )
             for name, svc in services.items()
@@ -151,12 +153,9 @@ class DecisionTable:
         if query is None and "?" in path:
             path, _, query = path.partition("?")
         req = RequestView(method.upper(), path, headers, query)
-        for matches, decision in routing.candidates:
-            if matches is None:  # PreparedRule.applies, inlined: no match applies to all
+        for applies, decision in routing.candidates:
+            if applies is None or applies(req):  # PreparedRule.applies; None: no match, applies to all
                 return decision
-            for match in matches:
-                if match.test(req):
-                    return decision
         return routing.no_route
 
     def authorize(self, service: str, source: str | None, method: str, path: str) -> AuthzDecision:

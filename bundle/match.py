@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import parse_qsl
 
@@ -30,7 +30,7 @@ import msgspec
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.spec import Match, StringMatch
 
-__all__ = ["Condition", "PreparedMatch", "RequestView", "prepare_match", "split_path"]
+__all__ = ["Condition", "PreparedMatch", "RequestView", "Test", "any_match", "prepare_match", "split_path"]
 
 
 def split_path(path: str) -> tuple[str, str | None]:
@@ -183,16 +183,64 @@ class _Value:
         return f"{label} is {_q(actual)}" if held else f"{label} is {_q(actual)}, not {wanted}"
 
 
-class PreparedMatch:
-    """One `match(...)`, prepared: every condition must hold."""
+Test = Callable[[RequestView], bool]
 
-    __slots__ = ("conditions",)
+
+def _always(req: RequestView) -> bool:
+    return True
+
+
+def _fast(cond: Condition) -> Test:
+    """`cond.test` as one small closure (no method lookup, no branch on the kind)."""
+    if isinstance(cond, _PathExact):
+        exact = cond.value
+        return lambda req: req.path == exact
+    if isinstance(cond, _PathPrefix):
+        prefix = cond.value
+        return lambda req: req.path.startswith(prefix)
+    if isinstance(cond, _Methods):
+        methods = cond.methods
+        return lambda req: req.method in methods
+    if isinstance(cond, _Value) and not cond.in_query and cond.regex is None:
+        name, value = cond.name, cond.value
+        if cond.kind == "present":
+            return lambda req: name in req.headers
+        return lambda req: req.headers.get(name) == value  # None (absent) never equals a str
+    return cond.test
+
+
+def _all(tests: tuple[Test, ...]) -> Test:
+    if not tests:
+        return _always
+    if len(tests) == 1:
+        return tests[0]
+    if len(tests) == 2:
+        first, second = tests
+        return lambda req: first(req) and second(req)
+
+    def every(req: RequestView) -> bool:
+        for test in tests:
+            if not test(req):
+                return False
+        return True
+
+    return every
+
+
+class PreparedMatch:
+    """One `match(...)`, prepared: every condition must hold.
+
+    `holds` is `test` compiled at prepare time into as few Python calls as the
+    conditions allow (what routing calls); `test` and `trace` walk the conditions."""
+
+    __slots__ = ("conditions", "holds")
 
     def __init__(self, conditions: tuple[Condition, ...]) -> None:
         self.conditions = conditions
+        self.holds: Test = _all(tuple(_fast(cond) for cond in conditions))
 
     def test(self, req: RequestView) -> bool:
-        """Whether every condition holds (the fast path)."""
+        """Whether every condition holds."""
         for cond in self.conditions:
             if not cond.test(req):
                 return False
@@ -227,3 +275,18 @@ def prepare_match(match: Match, where: str) -> PreparedMatch:
     for name, cond in sorted(match.query.items()):
         conds.append(_Value(name, cond, True, where))
     return PreparedMatch(tuple(conds))
+
+
+def any_match(matches: tuple[PreparedMatch, ...]) -> Test:
+    """Whether any of a rule's matches holds, as one callable (routing's per-rule test)."""
+    if len(matches) == 1:
+        return matches[0].holds
+    tests = tuple(match.holds for match in matches)
+
+    def any_holds(req: RequestView) -> bool:
+        for test in tests:
+            if test(req):
+                return True
+        return False
+
+    return any_holds

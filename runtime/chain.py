@@ -8,6 +8,10 @@ unconfigured concern costs nothing per request. Outermost first:
               → circuit breaker → load balancer (+ outlier detection) → upstream
     inbound   telemetry → authorization → rate limit → upstream (the local app)
 
+On a route with retries the retry filter also runs the timeout's deadline and holds
+the breaker's slot around each try (same order and behaviour, two coroutine layers
+fewer per request); each concern's logic stays in its own module.
+
 State that must outlive a route table (breaker slots, ejections, buckets, budgets,
 mirror slots) comes from `deps.state`, so an apply keeps it.
 """
@@ -32,7 +36,7 @@ from starmesh.runtime.filters.rate_limit import rate_limit_filter
 from starmesh.runtime.filters.retry import retry_filter
 from starmesh.runtime.filters.split import split_filter
 from starmesh.runtime.filters.telemetry import telemetry_filter
-from starmesh.runtime.filters.timeout import timeout_filter
+from starmesh.runtime.filters.timeout import RouteTimeout, timeout_filter
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.upstream import Pool, app_handler, mapped_send
 from starmesh.runtime.message import Filter, Handler
@@ -89,6 +93,9 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
     outliers = (
         deps.state.outliers(name, spec.outlier_detection) if spec.outlier_detection is not None else None
     )
+    # With retries, the retry filter runs the route's timeout itself (one layer fewer).
+    fused_timeout = RouteTimeout(rule.timeout_ms) if retries is not None and rule.timeout_ms is not None else None
+    breaker = deps.state.breaker(name, spec.circuit_breaker or DEFAULT_BREAKER)
     # The upstream call: raw when the retry filter maps errors itself, mapped otherwise.
     send = deps.pool.send if retries is not None else mapped_send(deps.pool)
     # Load balancing over the picked version's endpoints, outlier ejection feeding back.
@@ -130,11 +137,15 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
             rng=deps.rng,
         ),
         # One deadline over the whole request, retries included: 504 `timeout`.
-        timeout_filter(rule.timeout_ms),
-        # More tries within the service's budget, the deadline, idempotence and replayability.
-        retry_filter(retries, deps.state.budget(name), rng=deps.rng, sleep=deps.sleep),
-        # Slots in flight and a bounded pending queue per service: 503 `overflow`.
-        circuit_breaker_filter(deps.state.breaker(name, spec.circuit_breaker or DEFAULT_BREAKER)),
+        timeout_filter(rule.timeout_ms) if fused_timeout is None else None,
+        # More tries within the service's budget, the deadline, idempotence and replayability
+        # (and the timeout's deadline when `fused_timeout` is set, and the breaker's slots).
+        retry_filter(
+            retries, deps.state.budget(name), rng=deps.rng, sleep=deps.sleep, timeout=fused_timeout, breaker=breaker
+        ),
+        # Slots in flight and a bounded pending queue per service: 503 `overflow`
+        # (inside the retry filter when the route retries).
+        circuit_breaker_filter(breaker) if retries is None else None,
     ]
     return _assemble(layers, terminal)
 

@@ -50,6 +50,22 @@ class BreakerState:
                 self.active += 1
                 waiter.set_result(None)
 
+    def admit(self) -> bool | None:
+        """Take a slot if one is free (True); None: there is room to `wait`; False: overflow."""
+        if self.active < self.limit and not self.waiters:
+            self.active += 1
+            return True
+        return None if len(self.waiters) < self.max_pending else False
+
+    def overflow(self) -> Response:
+        """The 503 `overflow` answer when the pending queue is full too."""
+        return proxy_response(
+            503,
+            "overflow",
+            f"circuit breaker of {self.service!r}: {self.active} requests in flight "
+            f"and {len(self.waiters)} waiting (the limits)",
+        )
+
     def release(self) -> None:
         """A request leaves: hand its slot to the first live waiter, or free it."""
         waiters = self.waiters
@@ -78,15 +94,12 @@ class BreakerState:
 
 
 def circuit_breaker_filter(state: BreakerState) -> Filter:
-    """Hold a slot of `state` around the inner call."""
+    """Hold a slot of `state` around the inner call.
 
-    def overflow() -> Response:
-        return proxy_response(
-            503,
-            "overflow",
-            f"circuit breaker of {state.service!r}: {state.active} requests in flight "
-            f"and {len(state.waiters)} waiting (the limits)",
-        )
+    (A route with retries has no such layer: the retry filter holds the slot around
+    each try itself, through `admit`/`wait`/`release`.)"""
+
+    overflow = state.overflow
 
     def wrap(inner: Handler) -> Handler:
         async def breaker(request: Request) -> Response:

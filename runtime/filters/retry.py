@@ -39,8 +39,10 @@ import random
 from collections.abc import Awaitable, Callable
 
 from starmesh.bundle.spec import Retries
+from starmesh.runtime.filters.circuit_breaker import BreakerState
 from starmesh.runtime.filters.deadline import DeadlineQueue, Expiry, running
 from starmesh.runtime.filters.replay import Recording
+from starmesh.runtime.filters.timeout import RouteTimeout
 from starmesh.runtime.filters.upstream import UpstreamError, upstream_error_response
 from starmesh.runtime.message import FixedBody, Filter, Handler, Request, Response, proxy_response
 
@@ -95,10 +97,24 @@ def _peer_error(response: Response) -> str:
     return ""
 
 
-def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Random, sleep: Sleep) -> Filter | None:
-    """Retry per `policy`; None when the route makes no retries."""
+def retry_filter(
+    policy: Retries | None,
+    budget: RetryBudget,
+    *,
+    rng: random.Random,
+    sleep: Sleep,
+    timeout: RouteTimeout | None = None,
+    breaker: BreakerState | None = None,
+) -> Filter | None:
+    """Retry per `policy`; None when the route makes no retries.
+
+    With `timeout` the filter also is the route's timeout (timeout.py's behaviour,
+    outside the tries), and with `breaker` it holds a breaker slot around each try
+    (circuit_breaker.py's behaviour): one coroutine layer per request instead of three."""
     if policy is None or policy.attempts <= 0:
         return None
+    start_timeout = timeout.start if timeout is not None else None
+    timed_out = timeout.timed_out if timeout is not None else None
     attempts = policy.attempts
     on_5xx = "5xx" in policy.on
     on_connect = "connect-failure" in policy.on
@@ -124,81 +140,110 @@ def retry_filter(policy: Retries | None, budget: RetryBudget, *, rng: random.Ran
     def wrap(inner: Handler) -> Handler:
         async def retry(request: Request) -> Response:
             loop, task = running()
-            data = request.body.complete()
-            recording: Recording | None = None
-            if data is None:
-                recording = Recording(request.body)
-                request.body = recording.body()
-            budget.active += 1
-            retrying = False
-            tries = 0
+            # The route's timeout, when this filter runs it (see retry_filter).
+            overall = start_timeout(loop, task, request) if start_timeout is not None else None
             try:
-                while True:
-                    request.attempt = tries
-                    response: Response | None = None
-                    error: UpstreamError | None = None
-                    # One try, bounded by per_try_timeout when that ends before the
-                    # request's deadline (inline, not a coroutine of its own).
-                    expiry: Expiry | None = None
-                    if per_try is not None:
-                        ends = loop.time() + per_try
-                        deadline = request.deadline
-                        if deadline is None or ends < deadline:
-                            expiry = per_try_deadlines.start(loop, ends, task)
-                    try:
-                        response = await inner(request)
-                    except UpstreamError as exc:
-                        error = exc
-                        again = retryable_error(exc) and (not exc.sent or request.method in IDEMPOTENT_METHODS)
-                    except asyncio.CancelledError:
-                        if expiry is None or not expiry.expired():
-                            raise
-                        again = on_5xx and request.method in IDEMPOTENT_METHODS  # cut off by per_try_timeout
-                    else:
-                        # The inner code swallowed the cancellation (`fired` first: expired()
-                        # is only worth a call once the timer fired).
-                        if expiry is not None and expiry.fired and expiry.expired():
-                            response.body.close()
-                            response = None
-                            again = on_5xx and request.method in IDEMPOTENT_METHODS
+                data = request.body.complete()
+                recording: Recording | None = None
+                if data is None:
+                    recording = Recording(request.body)
+                    request.body = recording.body()
+                budget.active += 1
+                retrying = False
+                tries = 0
+                try:
+                    while True:
+                        request.attempt = tries
+                        response: Response | None = None
+                        error: UpstreamError | None = None
+                        # One try, bounded by per_try_timeout when that ends before the
+                        # request's deadline (inline, not a coroutine of its own).
+                        expiry: Expiry | None = None
+                        if per_try is not None:
+                            ends = loop.time() + per_try
+                            deadline = request.deadline
+                            if deadline is None or ends < deadline:
+                                expiry = per_try_deadlines.start(loop, ends, task)
+                        try:
+                            if breaker is None:
+                                response = await inner(request)
+                            else:  # the circuit breaker's layer, inline: a slot per try
+                                admitted = breaker.admit()
+                                if admitted is False:
+                                    response = breaker.overflow()
+                                else:
+                                    if admitted is None:
+                                        await breaker.wait()
+                                    try:
+                                        response = await inner(request)
+                                    finally:
+                                        breaker.release()
+                        except UpstreamError as exc:
+                            error = exc
+                            again = retryable_error(exc) and (not exc.sent or request.method in IDEMPOTENT_METHODS)
+                        except asyncio.CancelledError:
+                            if expiry is None or not expiry.expired():
+                                raise
+                            again = on_5xx and request.method in IDEMPOTENT_METHODS  # cut off by per_try_timeout
                         else:
-                            again = (
-                                response.status >= 500
-                                and retryable_response(response)
-                                and request.method in IDEMPOTENT_METHODS
-                            )
-                    finally:
-                        if expiry is not None:
-                            expiry.finish()
-                    if (
-                        not again
-                        or tries >= attempts
-                        or (recording is not None and not recording.replayable)
-                        or (not retrying and not budget.allows(percent))
-                    ):
-                        break
-                    wait = backoff(tries, draw())
-                    deadline = request.deadline
-                    if deadline is not None and loop.time() + wait >= deadline:
-                        break
-                    if not retrying:
-                        retrying = True
-                        budget.retrying += 1
-                    if response is not None:
-                        response.body.close()
-                    if wait > 0.0:
-                        await sleep(wait)
-                    tries += 1
-                    request.body = recording.body() if recording is not None else FixedBody(data or b"")
+                            # The inner code swallowed the cancellation (`fired` first: expired()
+                            # is only worth a call once the timer fired).
+                            if expiry is not None and expiry.fired and expiry.expired():
+                                response.body.close()
+                                response = None
+                                again = on_5xx and request.method in IDEMPOTENT_METHODS
+                            else:
+                                again = (
+                                    response.status >= 500
+                                    and retryable_response(response)
+                                    and request.method in IDEMPOTENT_METHODS
+                                )
+                        finally:
+                            if expiry is not None:
+                                expiry.finish()
+                        if (
+                            not again
+                            or tries >= attempts
+                            or (recording is not None and not recording.replayable)
+                            or (not retrying and not budget.allows(percent))
+                        ):
+                            break
+                        wait = backoff(tries, draw())
+                        deadline = request.deadline
+                        if deadline is not None and loop.time() + wait >= deadline:
+                            break
+                        if not retrying:
+                            retrying = True
+                            budget.retrying += 1
+                        if response is not None:
+                            response.body.close()
+                        if wait > 0.0:
+                            await sleep(wait)
+                        tries += 1
+                        request.body = recording.body() if recording is not None else FixedBody(data or b"")
+                finally:
+                    budget.active -= 1
+                    if retrying:
+                        budget.retrying -= 1
+                if response is not None:
+                    result = response
+                elif error is not None:
+                    result = upstream_error_response(error, f"after {tries + 1} tries")
+                else:
+                    result = proxy_response(
+                        504, "timeout", f"no response within per_try_timeout ({policy.per_try_timeout_ms} ms)"
+                    )
+            except asyncio.CancelledError:
+                if overall is not None and timed_out is not None and overall.expired():
+                    return timed_out()
+                raise
             finally:
-                budget.active -= 1
-                if retrying:
-                    budget.retrying -= 1
-            if response is not None:
-                return response
-            if error is not None:
-                return upstream_error_response(error, f"after {tries + 1} tries")
-            return proxy_response(504, "timeout", f"no response within per_try_timeout ({policy.per_try_timeout_ms} ms)")
+                if overall is not None:
+                    overall.finish()
+            if overall is not None and timed_out is not None and overall.fired and overall.expired():
+                result.body.close()  # the inner code swallowed the timeout's cancellation
+                return timed_out()
+            return result
 
         return retry
 

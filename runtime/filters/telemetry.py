@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starmesh.runtime.message import Filter, Handler, Request, Response
-from starmesh.runtime.telemetry import Recorder
+from starmesh.runtime.telemetry import Recorder, RouteRecord
 
 __all__ = ["telemetry_filter"]
 
@@ -29,6 +29,8 @@ def telemetry_filter(
     `source` None takes the request's proven identity (inbound); `version` None takes
     the version the split picked, `request.target_version` (outbound)."""
     record = recorder.request
+    if source is not None:
+        return _fixed_source(recorder.bind(direction, source, destination), clock, version)
 
     def wrap(inner: Handler) -> Handler:
         async def telemetry(request: Request) -> Response:
@@ -50,6 +52,30 @@ def telemetry_filter(
                 direction,
                 (request.source or "") if source is None else source,
                 destination,
+                (request.target_version or "") if version is None else version,
+                response.status,
+                response.error,
+                clock() - start,
+            )
+            return response
+
+        return telemetry
+
+    return wrap
+
+
+def _fixed_source(record: RouteRecord, clock: Callable[[], float], version: str | None) -> Filter:
+    """The telemetry filter when the source is fixed (outbound): a per-route bound recorder."""
+
+    def wrap(inner: Handler) -> Handler:
+        async def telemetry(request: Request) -> Response:
+            start = clock()
+            try:
+                response = await inner(request)
+            except Exception:
+                record((request.target_version or "") if version is None else version, 500, "", clock() - start)
+                raise
+            record(
                 (request.target_version or "") if version is None else version,
                 response.status,
                 response.error,

@@ -101,11 +101,14 @@ def test_a_full_route_gets_every_filter_in_order() -> None:
         "inject",
         "mutate_headers",
         "mirrored",
-        "timeout",
-        "retry",
-        "breaker",
+        "retry",  # with retries, the retry filter runs the route's timeout and breaker too
         "balance_observed",
     ]
+
+
+def test_a_timeout_without_retries_is_its_own_layer() -> None:
+    svc = prepared(Rule(timeout_ms=1000))
+    assert layers(build_outbound(svc, svc.rules[0], null_deps())) == ["telemetry", "timeout", "breaker", "balance"]
 
 
 def test_filters_with_nothing_to_do_are_left_out() -> None:

@@ -6,8 +6,10 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
+
 from starmesh.bundle.routes import PreparedService, prepare_service
-from starmesh.bundle.spec import CircuitBreaker, MeshConfig, Service, Spec
+from starmesh.bundle.spec import CircuitBreaker, MeshConfig, Retries, Service, Spec
 from starmesh.runtime.chain import ChainDeps, build_outbound
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.circuit_breaker import BreakerState
@@ -37,8 +39,14 @@ class GatedPool:
         pass
 
 
-def service(timeout_ms: int | None = None, **breaker: Any) -> PreparedService:
-    svc = Service(circuit_breaker=CircuitBreaker(**breaker) if breaker else None, timeout_ms=timeout_ms)
+RETRIES = [None, Retries(attempts=2)]
+"""Without retries the breaker is a layer of its own; with them the retry filter holds the slots."""
+
+
+def service(timeout_ms: int | None = None, retries: Retries | None = None, **breaker: Any) -> PreparedService:
+    svc = Service(
+        circuit_breaker=CircuitBreaker(**breaker) if breaker else None, timeout_ms=timeout_ms, retries=retries
+    )
     spec = Spec(mesh=MeshConfig(name="m"), services={"svc": svc})
     return prepare_service("svc", svc, None, None, spec)
 
@@ -67,11 +75,12 @@ async def settle(pool: GatedPool, want: int) -> None:
         await asyncio.sleep(0)
 
 
-def test_overflow_is_exact_under_concurrency() -> None:
+@pytest.mark.parametrize("retries", RETRIES)
+def test_overflow_is_exact_under_concurrency(retries: Retries | None) -> None:
     async def main() -> None:
         pool = GatedPool()
         deps = deps_for(pool)
-        svc = service(max_requests=5, max_connections=100, max_pending_requests=3)
+        svc = service(retries=retries, max_requests=5, max_connections=100, max_pending_requests=3)
         handler = build_outbound(svc, svc.rules[0], deps)
         tasks = [asyncio.ensure_future(handler(request(f"/{i}"))) for i in range(20)]
         await settle(pool, 5)
@@ -106,11 +115,12 @@ def test_max_connections_caps_in_flight_too() -> None:
     asyncio.run(main())
 
 
-def test_waiting_ends_at_the_deadline_and_leaves_no_waiter() -> None:
+@pytest.mark.parametrize("retries", RETRIES)
+def test_waiting_ends_at_the_deadline_and_leaves_no_waiter(retries: Retries | None) -> None:
     async def main() -> None:
         pool = GatedPool()
         deps = deps_for(pool)
-        svc = service(timeout_ms=30, max_requests=1, max_connections=1, max_pending_requests=10)
+        svc = service(timeout_ms=30, retries=retries, max_requests=1, max_connections=1, max_pending_requests=10)
         handler = build_outbound(svc, svc.rules[0], deps)
         results = await asyncio.gather(*(handler(request()) for _ in range(4)))
         assert [(r.status, r.error) for r in results] == [(504, "timeout")] * 4

@@ -16,6 +16,7 @@ from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.circuit_breaker import DEFAULT_BREAKER
 from starmesh.runtime.filters.replay import Recording
 from starmesh.runtime.filters.retry import BACKOFF_BASE, BACKOFF_CAP, RetryBudget, backoff, retry_filter
+from starmesh.runtime.filters.timeout import RouteTimeout
 from starmesh.runtime.http.errors import UpstreamError
 from starmesh.runtime.message import Body, FixedBody, Handler, Request, Response
 from starmesh.runtime.state import StateRegistry
@@ -365,3 +366,42 @@ def test_timeout_without_retries_cancels_the_upstream_call() -> None:
 def test_retry_filter_is_left_out_without_retries() -> None:
     assert retry_filter(None, RetryBudget(), rng=random.Random(), sleep=asyncio.sleep) is None
     assert retry_filter(Retries(attempts=0), RetryBudget(), rng=random.Random(), sleep=asyncio.sleep) is None
+
+
+def _timed_retry(timeout_ms: int, inner: Handler) -> Handler:
+    """A retry filter that also runs the route's timeout (as build_outbound wires it)."""
+    wrap = retry_filter(
+        Retries(attempts=1), RetryBudget(), rng=random.Random(1), sleep=asyncio.sleep, timeout=RouteTimeout(timeout_ms)
+    )
+    assert wrap is not None
+    return wrap(inner)
+
+
+def test_a_fused_timeout_answers_504_when_the_inner_code_swallows_its_cancellation() -> None:
+    async def swallow(req: Request) -> Response:
+        assert req.deadline is not None  # the timeout's deadline is set before the tries
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        return status(200)
+
+    closed = ClosingBody.closed
+    response = run(_timed_retry(20, swallow)(request()))
+    assert (response.status, response.error) == (504, "timeout")
+    assert ClosingBody.closed == closed + 1  # the swallowed answer's body is closed
+
+
+def test_a_fused_timeout_does_not_turn_a_client_cancellation_into_a_504() -> None:
+    async def hang(req: Request) -> Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(_timed_retry(10_000, hang)(request()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
