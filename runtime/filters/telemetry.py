@@ -32,31 +32,18 @@ def telemetry_filter(
     if source is not None:
         return _fixed_source(recorder.bind(direction, source, destination), clock, version)
 
+    # The source varies per request (inbound: the caller's proven identity).
     def wrap(inner: Handler) -> Handler:
         async def telemetry(request: Request) -> Response:
             start = clock()
             try:
                 response = await inner(request)
             except Exception:
-                record(
-                    direction,
-                    (request.source or "") if source is None else source,
-                    destination,
-                    (request.target_version or "") if version is None else version,
-                    500,
-                    "",
-                    clock() - start,
-                )
+                picked = (request.target_version or "") if version is None else version  # set by the split, inside
+                record(direction, request.source or "", destination, picked, 500, "", clock() - start)
                 raise
-            record(
-                direction,
-                (request.source or "") if source is None else source,
-                destination,
-                (request.target_version or "") if version is None else version,
-                response.status,
-                response.error,
-                clock() - start,
-            )
+            picked = (request.target_version or "") if version is None else version
+            record(direction, request.source or "", destination, picked, response.status, response.error, clock() - start)
             return response
 
         return telemetry
