@@ -37,7 +37,8 @@ from starmesh.runtime.table import RouteTable
 from starmesh.runtime.telemetry import MemoryRecorder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compile import machine, write_mesh  # noqa: E402  (bench/compile.py, run from anywhere)
+from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from compile import write_mesh  # noqa: E402
 
 
 def _deps() -> ChainDeps:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +29,9 @@ import time
 from pathlib import Path
 
 from starmesh.compiler.compile import compile_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 SERVICES_PER_FILE = 100
 
@@ -144,18 +145,6 @@ def run(sizes: list[int], runs: int) -> list[dict[str, object]]:
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 def main() -> int:

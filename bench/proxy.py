@@ -60,6 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _nginx  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from _machine import machine  # noqa: E402
 
 __all__ = ["Target", "WrkResult", "main", "parse_wrk", "run_bench"]
 
@@ -625,18 +626,6 @@ def budgets(summary: dict[str, dict[str, object]], concurrencies: list[int]) -> 
         if isinstance(user, float) and isinstance(system, float) and user + system > 0:
             out.append(f"  {name:<9} {user:5.1f} + {system:5.1f} = {user + system:5.1f} µs  ({1e6 / (user + system):,.0f} req/s)")
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def _versions() -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,6 @@ from click.testing import CliRunner, Result
 
 from starmesh.cli.console import Consoles, make_console
 from starmesh.cli.main import main
-
-SNAPSHOTS = Path(__file__).parent / "snapshots"
-
-
-def assert_snapshot(name: str, actual: str) -> None:
-    """Compare with tests/cli/snapshots/NAME; STARMESH_UPDATE_SNAPSHOTS=1 rewrites it."""
-    path = SNAPSHOTS / name
-    if os.environ.get("STARMESH_UPDATE_SNAPSHOTS") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual, encoding="utf-8")
-        return
-    assert path.exists(), f"missing snapshot {path}: run with STARMESH_UPDATE_SNAPSHOTS=1 to create it"
-    assert actual == path.read_text(encoding="utf-8"), f"output differs from {path}"
-
 
 CLEAN = """\
 mesh(name = "shop")
@@ -124,14 +111,14 @@ def test_errors_exit_1_with_location_line_caret_and_help(
     assert out[-1].startswith("Found 1 error and ")
 
 
-def test_full_output_snapshot(runner: CliRunner, broken: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_output_snapshot(runner: CliRunner, broken: Path, monkeypatch: pytest.MonkeyPatch, assert_snapshot: Callable[[str, str], None]) -> None:
     monkeypatch.chdir(broken)
     result = lint(runner)
     assert result.exit_code == 1
     assert_snapshot("lint_broken_full.txt", result.stdout)
 
 
-def test_concise_output(runner: CliRunner, broken: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concise_output(runner: CliRunner, broken: Path, monkeypatch: pytest.MonkeyPatch, assert_snapshot: Callable[[str, str], None]) -> None:
     monkeypatch.chdir(broken.parent)
     result = lint(runner, "policies", "--concise")
     assert result.exit_code == 1

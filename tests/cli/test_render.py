@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,20 +22,6 @@ from starmesh.cli.render import (
     summary_line,
 )
 from starmesh.compiler.diagnostics import Finding
-
-SNAPSHOTS = Path(__file__).parent / "snapshots"
-
-
-def assert_snapshot(name: str, actual: str) -> None:
-    """Compare with tests/cli/snapshots/NAME; STARMESH_UPDATE_SNAPSHOTS=1 rewrites it."""
-    path = SNAPSHOTS / name
-    if os.environ.get("STARMESH_UPDATE_SNAPSHOTS") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual, encoding="utf-8")
-        return
-    assert path.exists(), f"missing snapshot {path}: run with STARMESH_UPDATE_SNAPSHOTS=1 to create it"
-    assert actual == path.read_text(encoding="utf-8"), f"output differs from {path}"
-
 
 MESH = """\
 mesh(name = "shop")
@@ -86,7 +71,7 @@ def caret_column(output: str) -> tuple[str, int]:
     return source[bar + 2 :], caret.index("^") - (bar + 2)
 
 
-def test_full_form_snapshot(tree: Path) -> None:
+def test_full_form_snapshot(tree: Path, assert_snapshot: Callable[[str, str], None]) -> None:
     out = plain(render_full, [WEIGHTS, RETRIES], files_at(Path("policies")))
     assert_snapshot("render_full.txt", out)
 
@@ -100,13 +85,13 @@ def test_full_form_has_location_line_caret_and_help(tree: Path) -> None:
     assert "help: make the weights add up to 100" in out.splitlines()
 
 
-def test_concise_form_snapshot(tree: Path) -> None:
+def test_concise_form_snapshot(tree: Path, assert_snapshot: Callable[[str, str], None]) -> None:
     out = plain(render_concise, [WEIGHTS, RETRIES], files_at(Path("policies")))
     assert out.splitlines()[0] == "policies/mesh.star:6:30: SM206 backend weights sum to 90, not 100"
     assert_snapshot("render_concise.txt", out)
 
 
-def test_github_form_snapshot(tree: Path) -> None:
+def test_github_form_snapshot(tree: Path, assert_snapshot: Callable[[str, str], None]) -> None:
     out = "\n".join(render_github([WEIGHTS, RETRIES], files_at(Path("policies")))) + "\n"
     assert out.splitlines()[1] == "::warning file=policies/lib/x.star,line=2,col=5,title=SM402::retries without a timeout"
     assert_snapshot("render_github.txt", out)
