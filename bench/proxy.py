@@ -138,12 +138,14 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.children: list[subprocess.Popen[bytes]] = []
+        self.worktrees: list[Path] = []
 
-    def start(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [*PLACEMENT["servers"], *argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir
+                [*PLACEMENT["servers"], *argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.workdir, env=None if env is None else {**os.environ, **env},
             )
         self.children.append(proc)
         return proc, log
@@ -168,6 +170,9 @@ class Processes:
             if proc.poll() is None:
                 proc.wait(timeout=5)
         self.children.clear()
+        for tree in self.worktrees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False, timeout=60)
+        self.worktrees.clear()
 
 
 def free_port() -> int:
@@ -286,19 +291,38 @@ def compile_bundle(workdir: Path) -> Path:
     return bundle
 
 
-def start_starmesh(procs: Processes, name: str, service: str, app: str, bundle: Path, endpoints: dict[str, dict[str, list[str]]]) -> dict[str, str]:
-    """Start one `starmesh proxy --bundle`; returns the listener addresses it prints."""
+def source_tree(procs: Processes, ref: str) -> Path:
+    """Check `ref` out of this repository and lay it out as an importable `starmesh` package.
+
+    The top-level folders map to `starmesh.<folder>` (pyproject's package-dir); a folder
+    of symlinks reproduces that, and PYTHONPATH puts it ahead of the installed tree."""
+    checkout = procs.workdir / "against-checkout"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(checkout), ref], check=True, timeout=60)
+    procs.worktrees.append(checkout)
+    root = procs.workdir / "against"
+    (root / "starmesh").mkdir(parents=True)
+    for folder in ("bundle", "compiler", "runtime", "reconciler", "policies", "cli"):
+        if (checkout / folder).is_dir():
+            (root / "starmesh" / folder).symlink_to(checkout / folder)
+    return root
+
+
+def start_starmesh(
+    procs: Processes, name: str, service: str, app: str, bundle: Path, endpoints: dict[str, dict[str, list[str]]], tree: Path | None = None
+) -> dict[str, str]:
+    """Start one `starmesh proxy --bundle` (from `tree`, see source_tree); returns its listener addresses."""
     state = procs.workdir / name
     state.mkdir(exist_ok=True)
     endpoints_file = state / "endpoints.json"
     endpoints_file.write_text(json.dumps(endpoints))
+    command = [sys.executable, "-m", "starmesh.cli"] if tree is not None else _starmesh_command()
     argv = [
-        *_starmesh_command(), "proxy",
+        *command, "proxy",
         "--service", service, "--version", "v1", "--app", app,
         "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--state-dir", str(state), "--bundle", str(bundle), "--endpoints", str(endpoints_file),
     ]  # fmt: skip
-    proc, log = procs.start(name, argv)
+    proc, log = procs.start(name, argv, env=None if tree is None else {"PYTHONPATH": str(tree)})
     addresses: dict[str, str] = {}
     for listener in ("outbound", "inbound", "admin"):
         addresses[listener] = wait_for_line(rf"^{listener} (127\.0\.0\.1:\d+)\s*$", proc, log)[1]
@@ -448,7 +472,7 @@ def profile(target: Target, connections: int, seconds: int, out: Path) -> str:
 # --- the run -----------------------------------------------------------------------
 
 
-def start_targets(procs: Processes, two_hop: bool) -> list[Target]:
+def start_targets(procs: Processes, two_hop: bool, against: str | None = None) -> list[Target]:
     app_port = free_port()
     app_pids = start_nginx(procs, "upstream", _nginx.app_config(procs.workdir / "upstream", app_port), app_port)
     direct = Target("direct", f"http://127.0.0.1:{app_port}/", app_pids)
@@ -476,6 +500,15 @@ def start_targets(procs: Processes, two_hop: bool) -> list[Target]:
         if hop2:
             hop2.unavailable = "starmesh proxy unavailable"
         return targets
+    if against is not None:
+        other = Target(f"starmesh@{against}")
+        targets.insert(targets.index(starmesh), other)
+        try:
+            tree = source_tree(procs, against)
+            found = start_starmesh(procs, "starmesh-against", "client", app, bundle, {SERVICE: {"v1": [app], "v2": [app]}}, tree)
+            other.url, other.pids = f"http://{found['outbound']}/", [int(found["pid"])]
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            other.unavailable = str(exc)
     if hop2:
         try:
             peer = start_starmesh(procs, "starmesh-peer", SERVICE, app, bundle, {})
@@ -496,12 +529,13 @@ def run_bench(
     warmup: int,
     profile_to: Path | None = None,
     profile_target: str = "starmesh",
+    against: str | None = None,
 ) -> tuple[list[Target], str]:
     """Start everything, run the interleaved repetitions (then the profile), stop everything."""
     with tempfile.TemporaryDirectory(prefix="starmesh-bench-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            targets = start_targets(procs, two_hop)
+            targets = start_targets(procs, two_hop, against)
             for target in targets:
                 if target.unavailable is None:
                     try:
@@ -664,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency; collapsed stacks to FILE, top functions printed",
     )  # fmt: skip
     parser.add_argument("--profile-target", default="starmesh", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--against", metavar="REF",
+        help="also run starmesh's proxy as of git REF (e.g. HEAD, for uncommitted changes) side by side",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -679,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     targets, versions = run_bench(
-        args.seconds, args.reps, args.concurrency, args.two_hop, args.warmup, args.profile, args.profile_target
+        args.seconds, args.reps, args.concurrency, args.two_hop, args.warmup, args.profile, args.profile_target, args.against
     )
     print(f"versions: {versions}")
     load_after = os.getloadavg()
