@@ -7,12 +7,11 @@ and `InputError`, the command line's "bad usage or input" exception.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 
 import click
 
+from starmesh.bundle import files
 from starmesh.cli.console import Consoles
 from starmesh.cli.render import PolicyFiles, render_concise, render_full, render_summary
 from starmesh.compiler.compile import CompileResult, compile_tree
@@ -61,34 +60,15 @@ def policy_files(root: Path, result: CompileResult) -> PolicyFiles:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part.
-
-    A temporary file in the same directory, fsync, rename over `path`, fsync the directory."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a part
+    (bundle/files.py); InputError saying why when it cannot be written."""
     directory = path.parent
     if not directory.is_dir():
         raise InputError(f"cannot write {path}: directory {directory} does not exist")
     try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        files.write_atomically(path, data)
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:  # make the rename itself durable; some file systems cannot fsync a directory
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 @click.command("compile")

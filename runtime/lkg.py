@@ -19,8 +19,6 @@ applied.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,15 +26,15 @@ from typing import Literal
 import msgspec
 
 from starmesh.bundle.canonical import digest_of, is_digest
+from starmesh.bundle.files import TEMP_PREFIX, write_atomically
 from starmesh.runtime.endpoints import EndpointTable, parse_endpoints
 from starmesh.runtime.errors import EndpointsError, LastKnownGoodError
 
-__all__ = ["LKG_FILE", "LastKnownGood", "Origin", "load_last_known_good", "save_last_known_good", "write_atomically"]
+__all__ = ["LKG_FILE", "LastKnownGood", "Origin", "load_last_known_good", "save_last_known_good"]
 
 Origin = Literal["control-plane", "last-known-good", "file"]
 LKG_FILE = "last-known-good.json"
 _BUNDLES = "bundles"
-_TEMP_PREFIX = ".starmesh-"
 
 
 class _Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -65,37 +63,6 @@ def _bundle_name(digest: str) -> str:
     return digest.replace(":", "-") + ".json"
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temp file in the same directory, fsync, rename, fsync the directory.
-
-    Raises OSError; the temp file is removed on failure."""
-    directory = path.parent
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:  # some file systems cannot fsync a directory; the rename is still atomic
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_last_known_good(state_dir: Path, lkg: LastKnownGood) -> None:
     """Persist `lkg` atomically and drop older bundles and stray temp files. Raises OSError."""
     bundles = state_dir / _BUNDLES
@@ -115,7 +82,7 @@ def save_last_known_good(state_dir: Path, lkg: LastKnownGood) -> None:
     write_atomically(state_dir / LKG_FILE, msgspec.json.encode(meta))
     for directory in (bundles, state_dir):
         for entry in directory.iterdir():
-            stale = entry.name.startswith(_TEMP_PREFIX) or (directory is bundles and entry.name != keep)
+            stale = entry.name.startswith(TEMP_PREFIX) or (directory is bundles and entry.name != keep)
             if stale and entry.is_file():
                 entry.unlink(missing_ok=True)
 
