@@ -1,0 +1,30 @@
+"""The reconciler package's exceptions.
+
+    ReconcilerError             anything the control plane refuses or cannot do; the message says what
+     ├── StoreError             the state store cannot be read or written (path, reason)
+     ├── SourceUnavailable      the policy repository or branch cannot be read right now (retry later)
+     └── UnknownBundle          a digest the store does not hold (rollback target, bundle fetch)
+
+Foreign errors (OSError, GitCommandError, BundleError) are mapped where they are caught
+and re-raised `from exc`, with where it happened in the message.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ReconcilerError", "SourceUnavailable", "StoreError", "UnknownBundle"]
+
+
+class ReconcilerError(Exception):
+    """Root of the reconciler's exceptions."""
+
+
+class StoreError(ReconcilerError):
+    """The state store cannot be read or written; the message names the key and the reason."""
+
+
+class SourceUnavailable(ReconcilerError):
+    """The repository or branch cannot be read now (missing, fetch failed); the loop retries."""
+
+
+class UnknownBundle(ReconcilerError):
+    """No bundle with this digest was ever stored (rollback answers 404, CLI exits 1)."""
