@@ -10,8 +10,13 @@ import click
 
 from starmesh.cli.compile import compile_command
 from starmesh.cli.console import Consoles
+from starmesh.cli.control_plane import control_plane_command
+from starmesh.cli.keygen import keygen_command
 from starmesh.cli.lint import lint_command
 from starmesh.cli.proxy import proxy_command
+from starmesh.cli.rollback import rollback_command
+from starmesh.cli.status import status_command
+from starmesh.cli.verify import verify_command
 
 __all__ = ["main"]
 
@@ -37,3 +42,8 @@ def main(ctx: click.Context) -> None:
 main.add_command(lint_command)
 main.add_command(compile_command)
 main.add_command(proxy_command)
+main.add_command(keygen_command)
+main.add_command(control_plane_command)
+main.add_command(status_command)
+main.add_command(rollback_command)
+main.add_command(verify_command)
