@@ -70,6 +70,7 @@ class Ledger:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._keep: tuple[int, ...] = ()  # versions a rollout still serves (keep_releases)
 
     # -- bundles -------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class Ledger:
             base64.b64encode(record.envelope).decode("ascii"),
         )
         self.store.put(_release_key(record.version), msgspec.json.encode(stored))
-        self._prune(keep=())
+        self._prune()
 
     def release(self, version: int) -> ReleaseRecord | None:
         """One stored release, or None when never issued (or pruned)."""
@@ -160,12 +161,13 @@ class Ledger:
         return out
 
     def keep_releases(self, versions: Iterable[int]) -> None:
-        """Prune history, never dropping `versions` (the releases a rollout still serves)."""
-        self._prune(keep=tuple(versions))
+        """Never prune `versions` (the releases a rollout still serves), from now on."""
+        self._keep = tuple(versions)
+        self._prune()
 
-    def _prune(self, keep: tuple[int, ...]) -> None:
+    def _prune(self) -> None:
         keys = self.store.keys("releases/")
-        protected = {_release_key(v) for v in keep}
+        protected = {_release_key(v) for v in self._keep}
         for key in keys[: max(0, len(keys) - RELEASE_HISTORY)]:
             if key not in protected:
                 self.store.delete(key)
