@@ -1,0 +1,388 @@
+"""The registry of proxies: who is live, where each can be reached, and what each runs.
+
+    heartbeat / report ──► live ──(no heartbeat or report for `ttl` s)──► stale ──(`forget_after` s
+         ▲                  │  in the endpoint table                     │ out of it      since last seen)
+         └──────────────────┴────────────── a heartbeat revives ─────────┘                ──► forgotten
+
+A proxy registers and heartbeats with `heartbeat(id, service, version, address, ...)`
+(POST /v1/proxies/<id>); its address (its `--inbound`) goes into the endpoint table under
+its service and version while it is live. `report` records an ACK or NACK (POST
+/v1/proxies/<id>/status). The heartbeat may also carry the release the proxy runs: after
+a control-plane restart that is how the registry learns what each proxy runs.
+
+Live and stale proxies sit in two insertion-ordered maps kept in order of last contact,
+so `sweep` looks only at the oldest entries: every read sweeps, at no cost while
+nothing is due. The endpoint table is kept as counts per address, so a heartbeat costs
+O(1) and the table's `version` moves only when its content changes (an address appears
+or disappears), never on a plain heartbeat. Long-polls (`wait_endpoints`) wait on a
+`ChangeSignal` that wakes them all at once.
+
+After a restart the registry is empty until proxies heartbeat again. For its first
+`warmup` seconds it answers an endpoint long-poll only from a client that has no table
+yet (`after` 0): a proxy holding a table from before the restart keeps it rather than
+get a half-filled one. After the warm-up a client ahead of the registry (`after` above
+`version`, a table numbered by the previous incarnation) gets the current table at once.
+
+`max_proxies` bounds the registry: a new proxy displaces the longest-stale one, and
+when every known proxy is live it is refused with `RegistryFull`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from starmesh.bundle.canonical import is_digest
+from starmesh.compiler.values import ValueProblem, check_endpoint, check_name
+from starmesh.reconciler.errors import ReconcilerError
+from starmesh.reconciler.model import ProxyRecord, ProxyState, utc_now
+
+__all__ = [
+    "ChangeSignal",
+    "EndpointTable",
+    "InvalidRegistration",
+    "ProxyEntry",
+    "Registry",
+    "RegistryFull",
+    "check_proxy_id",
+]
+
+EndpointTable = dict[str, dict[str, list[str]]]
+"""service → version → ["host:port", ...] (sorted), as `/v1/endpoints` answers it."""
+
+_PROXY_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_MAX_ERROR = 1000
+
+
+class RegistryFull(ReconcilerError):
+    """The registry holds `max_proxies` live proxies; a new one is refused (API: 503)."""
+
+
+class InvalidRegistration(ReconcilerError):
+    """A heartbeat or report with a malformed id, name, address or digest (API: 400)."""
+
+
+def check_proxy_id(proxy_id: str) -> str:
+    """A proxy id: 1-128 of letters, digits, `.`, `_`, `-`; InvalidRegistration otherwise."""
+    if not _PROXY_ID.fullmatch(proxy_id):
+        raise InvalidRegistration(
+            f"invalid proxy id {proxy_id[:140]!r}: use 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return proxy_id
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEntry:
+    """One proxy as the registry knows it; replaced whole on every heartbeat or report.
+
+    `seen` is the registry clock (monotonic) at the last contact, `last_seen` the same
+    moment as RFC 3339 UTC. `release_version`/`bundle` are what the proxy runs (its last
+    ACK, or its heartbeat's claim); `error` is its last NACK reason (None after an ACK)
+    and `nacked_version`/`nacked_bundle` what that NACK was about."""
+
+    id: str
+    service: str
+    version: str
+    address: str
+    seen: float
+    last_seen: str
+    release_version: int | None = None
+    bundle: str | None = None
+    error: str | None = None
+    nacked_version: int | None = None
+    nacked_bundle: str | None = None
+    stale: bool = False
+
+    def to_record(self, state: ProxyState) -> ProxyRecord:
+        """The `/v1/status` record, with the state the rollout gives this proxy."""
+        return ProxyRecord(
+            id=self.id,
+            service=self.service,
+            version=self.version,
+            address=self.address,
+            last_seen=self.last_seen,
+            release_version=self.release_version,
+            bundle=self.bundle,
+            state=state,
+            error=self.error,
+        )
+
+
+class ChangeSignal:
+    """Wakes every waiter at once when something changed; `notify` is safe from any thread.
+
+    Each waiter parks on a future of its own event loop, so one signal serves callers
+    from several loops (tests run one `asyncio.run` after another)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def notify(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, set()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for future in waiters:
+            loop = future.get_loop()
+            if loop is running:
+                _wake(future)
+            elif not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # the loop closed meanwhile: nobody is waiting there
+                    pass
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the next `notify`, at most `timeout` seconds; True when notified."""
+        if timeout <= 0:
+            return False
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiters.add(future)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+            return bool(done)
+        finally:
+            with self._lock:
+                self._waiters.discard(future)
+            future.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Registry:
+    """Live proxies and the endpoint table they make (see the module docs)."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 30.0,
+        forget_after: float = 600.0,
+        max_proxies: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        warmup: float | None = None,
+    ) -> None:
+        if ttl <= 0 or forget_after < ttl or max_proxies < 1:
+            raise ValueError(
+                f"registry needs ttl > 0, forget_after >= ttl and max_proxies >= 1 "
+                f"(got ttl={ttl}, forget_after={forget_after}, max_proxies={max_proxies})"
+            )
+        self.ttl = ttl
+        self.forget_after = forget_after
+        self.max_proxies = max_proxies
+        self.heartbeat_seconds = ttl / 3
+        self.clock = clock
+        self._warm_at = clock() + (ttl / 2 if warmup is None else warmup)
+        self._live: OrderedDict[str, ProxyEntry] = OrderedDict()
+        self._stale: OrderedDict[str, ProxyEntry] = OrderedDict()
+        self._counts: dict[str, dict[str, dict[str, int]]] = {}
+        self._version = 0
+        self._snapshot: EndpointTable | None = None
+        self._changed = ChangeSignal()
+
+    # -- what proxies send ---------------------------------------------------------------
+
+    def heartbeat(
+        self,
+        proxy_id: str,
+        service: str,
+        version: str,
+        address: str,
+        *,
+        release_version: int | None,
+        bundle: str | None,
+    ) -> None:
+        """Register or refresh a proxy; RegistryFull when a new one does not fit."""
+        _check_heartbeat(proxy_id, service, version, address, release_version, bundle)
+        self.sweep()
+        old = self._live.pop(proxy_id, None)
+        was_live = old is not None
+        if old is None:
+            old = self._stale.pop(proxy_id, None)
+        if old is None and len(self._live) + len(self._stale) >= self.max_proxies:
+            if not self._stale:
+                raise RegistryFull(
+                    f"the registry holds {self.max_proxies} live proxies (max_proxies); proxy {proxy_id} "
+                    "is refused: raise the limit or retire proxies"
+                )
+            self._stale.popitem(last=False)
+        now = self.clock()
+        if old is None:
+            entry = ProxyEntry(proxy_id, service, version, address, now, utc_now(), release_version, bundle)
+        else:
+            entry = replace(
+                old, service=service, version=version, address=address, seen=now, last_seen=utc_now(), stale=False
+            )
+            if release_version is not None and (old.release_version is None or release_version >= old.release_version):
+                entry = replace(entry, release_version=release_version, bundle=bundle)
+        self._live[proxy_id] = entry
+        if was_live and old is not None:
+            if (old.service, old.version, old.address) == (service, version, address):
+                return
+            removed = self._remove_address(old)
+            added = self._add_address(entry)
+            changed = removed or added
+        else:
+            changed = self._add_address(entry)
+        if changed:
+            self._bump()
+
+    def report(self, proxy_id: str, version: int | None, bundle: str | None, error: str | None) -> None:
+        """Record an ACK (`error` None) or a NACK; KeyError when the proxy is not registered."""
+        if version is not None and version < 0:
+            raise InvalidRegistration(f"proxy {proxy_id} reported release version {version}: versions are >= 0")
+        if bundle is not None and not is_digest(bundle):
+            raise InvalidRegistration(f"proxy {proxy_id} reported bundle {bundle[:80]!r}: not sha256:<64 hex>")
+        self.sweep()
+        old = self._live.pop(proxy_id, None)
+        revived = old is None
+        if old is None:
+            old = self._stale.pop(proxy_id, None)
+        if old is None:
+            raise KeyError(proxy_id)
+        touched = replace(old, seen=self.clock(), last_seen=utc_now(), stale=False)
+        if error is None:
+            entry = replace(
+                touched, release_version=version, bundle=bundle, error=None, nacked_version=None, nacked_bundle=None
+            )
+        else:
+            entry = replace(touched, error=_truncate(error), nacked_version=version, nacked_bundle=bundle)
+        self._live[proxy_id] = entry
+        if revived and self._add_address(entry):
+            self._bump()
+
+    # -- staleness -----------------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Mark proxies silent for `ttl` stale and forget the long gone; returns the newly stale ids."""
+        now = self.clock()
+        newly: list[str] = []
+        changed = False
+        while self._live:
+            proxy_id, entry = next(iter(self._live.items()))
+            if now - entry.seen <= self.ttl:
+                break
+            del self._live[proxy_id]
+            self._stale[proxy_id] = replace(entry, stale=True)
+            newly.append(proxy_id)
+            changed = self._remove_address(entry) or changed
+        while self._stale:
+            proxy_id, entry = next(iter(self._stale.items()))
+            if now - entry.seen <= self.forget_after:
+                break
+            del self._stale[proxy_id]
+        if changed:
+            self._bump()
+        return newly
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, proxy_id: str) -> ProxyEntry | None:
+        self.sweep()
+        return self._live.get(proxy_id) or self._stale.get(proxy_id)
+
+    def entries(self) -> list[ProxyEntry]:
+        """Every known proxy, stale ones too, sorted by id."""
+        self.sweep()
+        return sorted([*self._live.values(), *self._stale.values()], key=lambda e: e.id)
+
+    def live_ids(self) -> list[str]:
+        self.sweep()
+        return sorted(self._live)
+
+    @staticmethod
+    def record(entry: ProxyEntry, state: ProxyState) -> ProxyRecord:
+        """The `/v1/status` record of an entry (same as `entry.to_record(state)`)."""
+        return entry.to_record(state)
+
+    def endpoints(self) -> tuple[int, EndpointTable]:
+        """(version, table of live proxies); the table is shared: read it, do not change it."""
+        self.sweep()
+        if self._snapshot is None:
+            self._snapshot = {
+                service: {version: sorted(addresses) for version, addresses in sorted(versions.items())}
+                for service, versions in sorted(self._counts.items())
+            }
+        return self._version, self._snapshot
+
+    async def wait_endpoints(self, after: int, timeout: float) -> tuple[int, EndpointTable] | None:
+        """The table once its version differs from what the client holds (see the module
+        docs), or None when `timeout` seconds pass first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            version, table = self.endpoints()
+            if self._answers(after, version):
+                return version, table
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            if after > 0 and not self._warm():
+                remaining = min(remaining, max(0.05, self._warm_at - self.clock()))
+            await self._changed.wait(remaining)
+
+    def _answers(self, after: int, version: int) -> bool:
+        if after > 0 and not self._warm():
+            return False
+        return version > after or (after > version and version > 0)
+
+    def _warm(self) -> bool:
+        return self.clock() >= self._warm_at
+
+    # -- the endpoint table ----------------------------------------------------------------
+
+    def _add_address(self, entry: ProxyEntry) -> bool:
+        counts = self._counts.setdefault(entry.service, {}).setdefault(entry.version, {})
+        counts[entry.address] = counts.get(entry.address, 0) + 1
+        return counts[entry.address] == 1
+
+    def _remove_address(self, entry: ProxyEntry) -> bool:
+        versions = self._counts.get(entry.service)
+        counts = versions.get(entry.version) if versions is not None else None
+        if versions is None or counts is None or entry.address not in counts:
+            return False
+        counts[entry.address] -= 1
+        if counts[entry.address] > 0:
+            return False
+        del counts[entry.address]
+        if not counts:
+            del versions[entry.version]
+        if not versions:
+            del self._counts[entry.service]
+        return True
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._snapshot = None
+        self._changed.notify()
+
+
+def _check_heartbeat(
+    proxy_id: str, service: str, version: str, address: str, release_version: int | None, bundle: str | None
+) -> None:
+    check_proxy_id(proxy_id)
+    for field, value, check in (("service", service, check_name), ("version", version, check_name),
+                                ("address", address, check_endpoint)):  # fmt: skip
+        try:
+            check(value)
+        except ValueProblem as exc:
+            raise InvalidRegistration(f"proxy {proxy_id}: bad {field}: {exc} ({exc.hint})") from None
+    if release_version is not None and release_version < 0:
+        raise InvalidRegistration(f"proxy {proxy_id}: release_version {release_version} is negative")
+    if bundle is not None and not is_digest(bundle):
+        raise InvalidRegistration(f"proxy {proxy_id}: bundle {bundle[:80]!r} is not sha256:<64 lowercase hex>")
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 1] + "…"

@@ -1,0 +1,385 @@
+"""Staged rollout: which release each proxy gets, and when a release goes further or back.
+
+    start(V) ─► canary ──canaries ACKed──► baking ──bake over──► promoted ──live ACKed──► complete
+                  │  ceil(canary_percent% of live)                  │  everyone      (V is stable)
+                  │  get V, the rest the stable release             │  gets V
+                  └────── more than max_failures failures ──────────┴──► halted: the stable bundle
+                                     is issued again as a new version (reason `halt`), for everyone
+
+A failure is a NACK of the rollout's version from a targeted proxy (a canary while
+canaries run, anyone once promoted), or a targeted proxy going stale before it ACKed; a
+proxy counts once, and "ACKed or failed" is what moving on waits for (failures up to
+`max_failures` are tolerated). Only releases of new commits halt: `rollback`, `halt` and
+`reissue` releases start promoted and never halt, and so does any release when the
+policy asks for no canaries or there is no stable release to fall back to. A new
+commit's release during a rollout supersedes it; the stable release stays the last
+complete one, and live canaries of the superseded rollout stay canaries (they run
+something newer than stable, which a proxy never trades for a lower version).
+
+Canaries are the live proxies first in order of sha256("<version>:<id>"): deterministic,
+a different subset for each release. A proxy has ACKed when it reported the release or
+its heartbeat says it runs it (after a control-plane restart). The state is persisted
+as JSON in the ledger whenever it changes, the bake deadline as a wall-clock number from
+the injectable clock; proxies seen live while promoted are kept in memory only.
+
+A proxy that NACKed version V gets V again only after a hold that doubles with each NACK
+of V in a row (1 s, 2 s, 4 s, ... 300 s): `nack_hold` says how much of it is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+from starmesh.bundle.canonical import decode_bundle
+from starmesh.bundle.errors import BundleError
+from starmesh.reconciler.errors import ReconcilerError, StoreError, UnknownBundle
+from starmesh.reconciler.issuer import Issuer
+from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.model import ProxyState, ReleaseRecord
+from starmesh.reconciler.registry import ChangeSignal, ProxyEntry, Registry
+
+__all__ = ["MAX_NACK_HOLD", "Phase", "Rollout", "RolloutPolicy"]
+
+log = logging.getLogger("starmesh.reconciler.rollout")
+
+Phase = Literal["canary", "baking", "promoted", "complete", "halted"]
+MAX_NACK_HOLD = 300.0
+"""The longest hold (seconds) before a NACKed release is sent to the same proxy again."""
+_MAX_REASON = 1000
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """`mesh(rollout = rollout(...))`: canary share of live proxies, bake time, tolerated failures."""
+
+    canary_percent: int | float = 0
+    bake_seconds: float = 0.0
+    max_failures: int = 0
+
+    @classmethod
+    def from_bundle(cls, data: bytes) -> RolloutPolicy:
+        """The policy in a bundle's `spec.mesh.rollout`; BundleError when it does not decode."""
+        rollout = decode_bundle(data).spec.mesh.rollout
+        return cls(rollout.canary_percent, rollout.bake_ms / 1000, rollout.max_failures)
+
+
+class _State(msgspec.Struct, forbid_unknown_fields=True):
+    """The rollout's own record, as `rollout/state` holds it (versions name ledger releases)."""
+
+    version: int
+    phase: Phase
+    policy: RolloutPolicy
+    stable: int | None = None
+    canary: list[str] = []
+    acked: set[str] = set()
+    failures: dict[str, str] = {}  # proxy id -> reason, in the order they happened
+    bake_until: float | None = None
+    halted_reason: str | None = None
+
+
+@dataclass
+class _Nack:
+    version: int
+    count: int
+    at: float
+
+
+class Rollout:
+    """The release each proxy should run, and the rollout's progress (see the module docs)."""
+
+    def __init__(
+        self, ledger: Ledger, issuer: Issuer, registry: Registry, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.ledger, self.issuer, self.registry, self.clock = ledger, issuer, registry, clock
+        self._lock = threading.RLock()
+        self._changed = ChangeSignal()
+        self._s: _State | None = None
+        self._release: ReleaseRecord | None = None
+        self._stable: ReleaseRecord | None = None
+        self._targets: set[str] = set()
+        self._nacks: dict[str, _Nack] = {}
+        raw = ledger.rollout_state()
+        if raw is not None:
+            self._load(raw)
+        current = ledger.current()
+        if current is not None and current.version > self._known():
+            self.start(current, _policy_of(ledger, current.bundle))  # issued, never started (a crash between)
+
+    # -- what starts rollouts ----------------------------------------------------------------
+
+    def start(self, release: ReleaseRecord, policy: RolloutPolicy) -> None:
+        """Roll out `release`; a version not above the current rollout's is ignored (idempotent)."""
+        with self._lock:
+            old = self._s
+            if release.version <= self._known():
+                return
+            keep = [p for p in old.canary if self._is_live(p)] if old and old.phase in ("canary", "baking") else []
+            staged = release.reason == "commit" and policy.canary_percent > 0 and self._stable is not None
+            self._release, self._targets = release, set()
+            self._s = _State(release.version, "canary" if staged else "promoted", policy, self._stable_version())
+            if staged:
+                self._s.canary = self._pick_canaries(keep)
+            log.info("rollout of release %d (%s) starts %s", release.version, release.bundle, self._s.phase)
+            self._save()
+            self._advance()
+
+    def rollback(self, digest: str) -> ReleaseRecord:
+        """Release the stored bundle `digest` as a new version, to everyone; UnknownBundle if not stored."""
+        data = self.ledger.bundle(digest)
+        try:
+            commit = decode_bundle(data).source.commit
+        except BundleError as exc:
+            raise UnknownBundle(f"stored bundle {digest} does not decode: {exc}") from exc
+        with self._lock:
+            record = self.issuer.issue(digest, commit=commit, reason="rollback")
+            self.start(record, _policy_of(self.ledger, digest))
+            return record
+
+    def reissue(self) -> ReleaseRecord | None:
+        """Re-issue the release everyone runs once it is half-way to expiry (not while canaries run)."""
+        with self._lock:
+            newest, s = self.release_for(None), self._s
+            if s is None or s.phase in ("canary", "baking") or newest is None or not self.issuer.reissue_due(newest):
+                return None
+            record = self.issuer.issue(newest.bundle, commit=newest.commit, reason="reissue")
+            self.start(record, s.policy)
+            return record
+
+    # -- what proxies get and tell -------------------------------------------------------------
+
+    def release_for(self, proxy_id: str | None) -> ReleaseRecord | None:
+        """The release meant for this proxy (None: a client that names none gets the stable one
+        while canaries run, else the newest)."""
+        s, release, stable = self._s, self._release, self._stable
+        if s is None or release is None:
+            return stable
+        if s.phase == "halted" or (s.phase in ("canary", "baking") and proxy_id not in s.canary):
+            return stable if stable is not None else release
+        return release
+
+    def on_report(self, proxy_id: str, version: int | None, bundle: str | None, error: str | None) -> None:
+        """An ACK or NACK the registry accepted (a NACK without a version is about the release sent)."""
+        with self._lock:
+            s, release = self._s, self._release
+            if s is None or release is None:
+                return
+            if error is None:
+                self._nacks.pop(proxy_id, None)
+                if bundle == release.bundle and (version or 0) >= release.version and proxy_id not in s.acked:
+                    s.acked.add(proxy_id)
+                    if proxy_id in s.canary:
+                        self._save()
+            else:
+                meant = self.release_for(proxy_id)
+                nacked = version if version is not None else (meant.version if meant is not None else None)
+                if nacked is not None:
+                    nack = self._nacks.get(proxy_id)
+                    count = nack.count + 1 if nack is not None and nack.version == nacked else 1
+                    self._nacks[proxy_id] = _Nack(nacked, count, self.clock())
+                if nacked == release.version and self._targeted(proxy_id):
+                    self._fail(proxy_id, f"NACK of release {nacked}: {error}")
+            self._advance()
+
+    def tick(self) -> None:
+        """Check the clock and the registry: bake end, stale targets, completion, halts."""
+        with self._lock:
+            s = self._s
+            if s is None:
+                return
+            targets = s.canary if s.phase in ("canary", "baking") else sorted(self._targets)
+            for proxy_id in targets:
+                entry = self.registry.get(proxy_id)
+                if (entry is None or entry.stale) and not self._has_acked(proxy_id, entry):
+                    self._fail(proxy_id, f"went stale before acknowledging release {s.version}")
+            self._nacks = {p: n for p, n in self._nacks.items() if self.registry.get(p) is not None}
+            self._advance()
+
+    def nack_hold(self, proxy_id: str) -> float:
+        """Seconds before the release this proxy NACKed may be sent to it again (0: send now)."""
+        nack, meant = self._nacks.get(proxy_id), self.release_for(proxy_id)
+        if nack is None or meant is None or meant.version != nack.version:
+            return 0.0
+        hold = min(MAX_NACK_HOLD, 2.0 ** min(nack.count - 1, 16))
+        return max(0.0, nack.at + hold - self.clock())
+
+    async def wait_release(self, proxy_id: str | None, after: int, timeout: float) -> ReleaseRecord | None:
+        """The release for this proxy once its version is above `after`; None after `timeout` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            release = self.release_for(proxy_id)
+            if release is not None and release.version > after:
+                return release
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await self._changed.wait(remaining)
+
+    def state_of(self, entry: ProxyEntry) -> ProxyState:
+        """synced / pending / failed / stale, as `/v1/status` shows the proxy."""
+        if entry.stale:
+            return "stale"
+        meant = self.release_for(entry.id)
+        if meant is None:
+            return "pending"
+        if entry.bundle == meant.bundle and (entry.release_version or 0) >= meant.version:
+            return "synced"
+        if entry.error is not None and entry.nacked_version in (None, meant.version):
+            return "failed"
+        return "pending"
+
+    def to_json(self) -> dict[str, object]:
+        """The rollout as `/v1/status` shows it."""
+        with self._lock:
+            s, stable = self._s, self._stable
+            stable_json = None if stable is None else {"version": stable.version, "bundle": stable.bundle}
+            halted = None
+            if s is not None and s.phase == "halted":
+                halted = {"reason": s.halted_reason, "rolled_back_to": stable_json}
+            acked = [] if s is None else [p for p in {*s.acked, *self.registry.live_ids()} if self._has_acked(p)]
+            return {
+                "version": None if s is None else s.version,
+                "bundle": None if self._release is None else self._release.bundle,
+                "phase": None if s is None else s.phase,
+                "stable": stable_json,
+                "canary": [] if s is None else list(s.canary),
+                "acked": sorted(acked),
+                "failures": [] if s is None else [{"proxy": p, "reason": r} for p, r in s.failures.items()],
+                "bake_until": None if s is None or s.bake_until is None else _iso(s.bake_until),
+                "halted": halted,
+                "policy": None if s is None else msgspec.to_builtins(s.policy),
+            }
+
+    # -- the state machine -------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Take every transition that is due now; persist and wake waiters when the phase moves."""
+        s, release, stable = self._s, self._release, self._stable
+        if s is None or release is None:
+            return
+        before, canaries = s.phase, len(s.canary)
+        halts = release.reason == "commit" and len(s.failures) > s.policy.max_failures
+        if s.phase in ("canary", "baking", "promoted") and halts and stable is not None:
+            self._halt(s, stable)
+        if s.phase == "canary":
+            if not s.canary:
+                s.canary = self._pick_canaries([])
+            if s.canary and all(self._done(p) for p in s.canary):
+                s.phase, s.bake_until = "baking", self.clock() + s.policy.bake_seconds
+        if s.phase == "baking" and s.bake_until is not None and self.clock() >= s.bake_until:
+            s.phase = "promoted"
+        if s.phase == "promoted":
+            live = self.registry.live_ids()
+            self._targets.update(live)
+            if all(self._done(p) for p in live):
+                s.phase, self._stable, self._targets = "complete", release, set()
+                s.stable = release.version
+        if s.phase != before:
+            log.info("rollout of release %d: %s -> %s", release.version, before, s.phase)
+        if s.phase != before or len(s.canary) != canaries:
+            self._save()
+
+    def _halt(self, s: _State, stable: ReleaseRecord) -> None:
+        try:
+            halt = self.issuer.issue(stable.bundle, commit=stable.commit, reason="halt")
+        except ReconcilerError as exc:  # tried again on the next tick or report
+            log.error("rollout of release %d should halt but cannot issue the roll-back: %s", s.version, exc)
+            return
+        failures = "; ".join(f"{p}: {r}" for p, r in s.failures.items())
+        why = f"{len(s.failures)} failure(s), more than max_failures {s.policy.max_failures}: {failures}"
+        s.phase, s.halted_reason, s.stable = "halted", why[:_MAX_REASON], halt.version
+        self._stable, self._targets = halt, set()
+        log.error("rollout of release %d halted, release %d rolls back to %s: %s", s.version, halt.version,
+                  halt.bundle, s.halted_reason)  # fmt: skip
+
+    def _fail(self, proxy_id: str, reason: str) -> None:
+        s = self._s
+        if s is not None and proxy_id not in s.failures and s.phase in ("canary", "baking", "promoted"):
+            s.failures[proxy_id] = reason[:_MAX_REASON]
+            self._save()
+
+    def _targeted(self, proxy_id: str) -> bool:
+        s = self._s
+        if s is None:
+            return False
+        return proxy_id in s.canary if s.phase in ("canary", "baking") else s.phase == "promoted"
+
+    def _done(self, proxy_id: str) -> bool:
+        return self._s is not None and (proxy_id in self._s.failures or self._has_acked(proxy_id))
+
+    def _has_acked(self, proxy_id: str, entry: ProxyEntry | None = None) -> bool:
+        s, release = self._s, self._release
+        if s is None or release is None:
+            return False
+        if proxy_id in s.acked:
+            return True
+        entry = entry if entry is not None else self.registry.get(proxy_id)
+        return entry is not None and entry.bundle == release.bundle and (entry.release_version or 0) >= release.version
+
+    def _pick_canaries(self, keep: list[str]) -> list[str]:
+        s, live = self._s, self.registry.live_ids()
+        percent = s.policy.canary_percent if s is not None else 0
+        version = s.version if s is not None else 0
+        want = max(1, math.ceil(percent * len(live) / 100)) if live else 0
+        order = sorted((p for p in live if p not in keep), key=lambda p: _rank(version, p))
+        return keep + order[: max(0, want - len(keep))]
+
+    def _is_live(self, proxy_id: str) -> bool:
+        entry = self.registry.get(proxy_id)
+        return entry is not None and not entry.stale
+
+    def _known(self) -> int:
+        """The newest version this rollout has served (its own, or a halt's), 0 for none."""
+        s = self._s
+        return 0 if s is None else max(s.version, s.stable or 0)
+
+    def _stable_version(self) -> int | None:
+        return None if self._stable is None else self._stable.version
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        s = self._s
+        if s is None:
+            return
+        self.ledger.set_rollout_state(msgspec.json.encode(s))
+        self.ledger.keep_releases(v for v in (s.version, s.stable) if v is not None)
+        self._changed.notify()
+
+    def _load(self, raw: bytes) -> None:
+        try:
+            s = msgspec.json.decode(raw, type=_State)
+        except msgspec.MsgspecError as exc:
+            raise StoreError(f"rollout/state is corrupt ({exc}); delete it to restart from the newest release") from exc
+        release = self.ledger.release(s.version)
+        self._stable = None if s.stable is None else self.ledger.release(s.stable)
+        if release is None:
+            log.warning("rollout/state names release %d, which the ledger no longer holds: starting afresh", s.version)
+            return
+        self._s, self._release = s, release
+
+
+def _policy_of(ledger: Ledger, digest: str) -> RolloutPolicy:
+    try:
+        return RolloutPolicy.from_bundle(ledger.bundle(digest))
+    except (BundleError, UnknownBundle):
+        return RolloutPolicy()
+
+
+def _rank(version: int, proxy_id: str) -> bytes:
+    return hashlib.sha256(f"{version}:{proxy_id}".encode()).digest()
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,258 @@
+"""The proxy registry: heartbeats, reports, staleness, the endpoint table and its long-poll."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+
+import pytest
+
+from starmesh.reconciler.model import ProxyRecord
+from starmesh.reconciler.registry import (
+    ChangeSignal,
+    InvalidRegistration,
+    Registry,
+    RegistryFull,
+    check_proxy_id,
+)
+
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+
+
+class Clock:
+    """A registry clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(clock: Clock, **kwargs: float) -> Registry:
+    options: dict[str, float] = {"ttl": 30.0, "forget_after": 600.0, "warmup": 0.0, **kwargs}
+    return Registry(
+        ttl=options["ttl"],
+        forget_after=options["forget_after"],
+        max_proxies=int(options.get("max_proxies", 100)),
+        clock=clock,
+        warmup=options["warmup"],
+    )
+
+
+def beat(reg: Registry, proxy_id: str, service: str = "reviews", version: str = "v1", address: str = "127.0.0.1:9081",
+         *, release_version: int | None = None, bundle: str | None = None) -> None:  # fmt: skip
+    reg.heartbeat(proxy_id, service, version, address, release_version=release_version, bundle=bundle)
+
+
+def test_heartbeats_build_the_endpoint_table_and_its_version_counts_changes() -> None:
+    clock = Clock()
+    reg = registry(clock)
+    assert reg.endpoints() == (0, {})
+    beat(reg, "r1", address="127.0.0.1:9081")
+    beat(reg, "r2", version="v2", address="127.0.0.1:9082")
+    beat(reg, "p1", service="productpage", address="[::1]:9080")
+    version, table = reg.endpoints()
+    assert version == 3
+    assert table == {
+        "productpage": {"v1": ["[::1]:9080"]},
+        "reviews": {"v1": ["127.0.0.1:9081"], "v2": ["127.0.0.1:9082"]},
+    }
+    clock.now += 10
+    beat(reg, "r1", address="127.0.0.1:9081")  # a plain heartbeat changes nothing in the table
+    assert reg.endpoints()[0] == 3
+    beat(reg, "r1", address="127.0.0.1:9091")  # a new address does
+    assert reg.endpoints() == (4, {**table, "reviews": {"v1": ["127.0.0.1:9091"], "v2": ["127.0.0.1:9082"]}})
+    beat(reg, "r1", version="v2", address="127.0.0.1:9091")
+    assert reg.endpoints()[1]["reviews"] == {"v2": ["127.0.0.1:9082", "127.0.0.1:9091"]}
+    assert reg.heartbeat_seconds == 10.0
+
+
+def test_a_silent_proxy_goes_stale_leaves_the_table_and_is_forgotten_later() -> None:
+    clock = Clock()
+    reg = registry(clock, ttl=30, forget_after=100)
+    beat(reg, "r1", address="127.0.0.1:9081")
+    beat(reg, "r2", address="127.0.0.1:9082")
+    clock.now += 20
+    beat(reg, "r2", address="127.0.0.1:9082")
+    clock.now += 10  # r1: exactly ttl since its heartbeat: not stale yet
+    assert reg.live_ids() == ["r1", "r2"]
+    clock.now += 1
+    assert reg.sweep() == ["r1"]
+    assert reg.sweep() == []
+    assert reg.live_ids() == ["r2"]
+    stale = reg.get("r1")
+    assert stale is not None and stale.stale
+    assert [(e.id, e.stale) for e in reg.entries()] == [("r1", True), ("r2", False)]
+    assert reg.endpoints() == (3, {"reviews": {"v1": ["127.0.0.1:9082"]}})
+
+    beat(reg, "r1", address="127.0.0.1:9081")  # a heartbeat revives it
+    assert reg.live_ids() == ["r1", "r2"] and reg.endpoints()[0] == 4
+
+    clock.now += 31  # both stale now (reads sweep: no explicit sweep needed)
+    assert reg.live_ids() == [] and reg.endpoints() == (5, {})
+    clock.now += 70  # 101 s since r1's last contact: forgotten
+    assert reg.get("r1") is None and reg.entries() == []
+
+
+def test_two_proxies_on_one_address_leave_it_in_the_table_until_both_are_gone() -> None:
+    clock = Clock()
+    reg = registry(clock)
+    beat(reg, "a", address="127.0.0.1:9081")
+    clock.now += 20
+    beat(reg, "b", address="127.0.0.1:9081")
+    assert reg.endpoints()[0] == 1
+    clock.now += 15  # a is stale, b is not: the table's content is the same
+    assert reg.live_ids() == ["b"]
+    assert reg.endpoints() == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
+    clock.now += 20
+    assert reg.endpoints() == (2, {})
+
+
+def test_reports_record_acks_and_nacks_and_count_as_contact() -> None:
+    clock = Clock()
+    reg = registry(clock)
+    with pytest.raises(KeyError):
+        reg.report("nobody", 1, DIGEST_A, None)
+    beat(reg, "r1")
+    reg.report("r1", 3, DIGEST_A, None)
+    entry = reg.get("r1")
+    assert entry is not None
+    assert (entry.release_version, entry.bundle, entry.error) == (3, DIGEST_A, None)
+
+    reg.report("r1", 4, DIGEST_B, "golden request 'x' failed " + "!" * 5000)
+    entry = reg.get("r1")
+    assert entry is not None
+    assert (entry.release_version, entry.bundle) == (3, DIGEST_A)  # it still runs 3
+    assert (entry.nacked_version, entry.nacked_bundle) == (4, DIGEST_B)
+    assert entry.error is not None and entry.error.startswith("golden request 'x' failed") and len(entry.error) <= 1000
+
+    clock.now += 31
+    assert reg.live_ids() == []
+    reg.report("r1", 5, DIGEST_B, None)  # a report is contact too: live again, and back in the table
+    entry = reg.get("r1")
+    assert entry is not None and not entry.stale
+    assert (entry.release_version, entry.bundle, entry.error, entry.nacked_version) == (5, DIGEST_B, None, None)
+    assert reg.endpoints()[1] == {"reviews": {"v1": ["127.0.0.1:9081"]}}
+
+    record = Registry.record(entry, "synced")
+    assert isinstance(record, ProxyRecord)
+    assert record.to_json() == {
+        "id": "r1", "service": "reviews", "version": "v1", "address": "127.0.0.1:9081", "release_version": 5,
+        "bundle": DIGEST_B, "state": "synced", "error": None, "last_seen": entry.last_seen,
+    }  # fmt: skip
+
+
+def test_a_heartbeat_tells_what_the_proxy_runs_but_never_lowers_it() -> None:
+    reg = registry(Clock())
+    beat(reg, "r1", release_version=7, bundle=DIGEST_A)  # e.g. after a control-plane restart
+    entry = reg.get("r1")
+    assert entry is not None and (entry.release_version, entry.bundle) == (7, DIGEST_A)
+    reg.report("r1", 8, DIGEST_B, None)
+    beat(reg, "r1", release_version=7, bundle=DIGEST_A)  # sent before the ACK, arrived after it
+    entry = reg.get("r1")
+    assert entry is not None and (entry.release_version, entry.bundle) == (8, DIGEST_B)
+    beat(reg, "r1")  # no claim: keeps what it knows
+    entry = reg.get("r1")
+    assert entry is not None and entry.release_version == 8
+
+
+@pytest.mark.parametrize(
+    ("proxy_id", "service", "version", "address", "bundle", "message"),
+    [
+        ("bad/id", "reviews", "v1", "127.0.0.1:1", None, "invalid proxy id"),
+        ("x" * 129, "reviews", "v1", "127.0.0.1:1", None, "invalid proxy id"),
+        ("", "reviews", "v1", "127.0.0.1:1", None, "invalid proxy id"),
+        ("r1", "Reviews", "v1", "127.0.0.1:1", None, "bad service: invalid name \"Reviews\""),
+        ("r1", "reviews", "", "127.0.0.1:1", None, "bad version: invalid name"),
+        ("r1", "reviews", "v1", "127.0.0.1", None, "bad address: invalid endpoint address"),
+        ("r1", "reviews", "v1", "127.0.0.1:70000", None, "bad address: invalid endpoint address"),
+        ("r1", "reviews", "v1", "127.0.0.1:1", "sha256:abc", "is not sha256:<64 lowercase hex>"),
+    ],
+)
+def test_malformed_heartbeats_are_refused_and_change_nothing(
+    proxy_id: str, service: str, version: str, address: str, bundle: str | None, message: str
+) -> None:
+    reg = registry(Clock())
+    with pytest.raises(InvalidRegistration, match=re.escape(message)):
+        reg.heartbeat(proxy_id, service, version, address, release_version=None, bundle=bundle)
+    assert reg.entries() == [] and reg.endpoints() == (0, {})
+
+
+def test_proxy_ids() -> None:
+    assert check_proxy_id("reviews-v1_7.a") == "reviews-v1_7.a"
+    assert check_proxy_id("x" * 128) == "x" * 128
+    with pytest.raises(InvalidRegistration):
+        check_proxy_id("ä")
+
+
+def test_the_registry_is_bounded_and_makes_room_only_from_stale_proxies() -> None:
+    clock = Clock()
+    reg = registry(clock, max_proxies=2)
+    beat(reg, "a", address="127.0.0.1:1")
+    clock.now += 20
+    beat(reg, "b", address="127.0.0.1:2")
+    with pytest.raises(RegistryFull, match="holds 2 live proxies"):
+        beat(reg, "c", address="127.0.0.1:3")
+    beat(reg, "b", address="127.0.0.1:2")  # known proxies still heartbeat
+    clock.now += 11  # a is stale now
+    beat(reg, "c", address="127.0.0.1:3")
+    assert [e.id for e in reg.entries()] == ["b", "c"]
+
+
+def test_wait_endpoints_answers_changes_and_times_out() -> None:
+    clock = Clock()
+    reg = registry(clock)
+
+    async def main() -> None:
+        assert await reg.wait_endpoints(0, 0.05) is None  # nothing yet: the hold runs out
+        waiting = asyncio.ensure_future(reg.wait_endpoints(0, 30))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        beat(reg, "r1", address="127.0.0.1:9081")
+        answer = await waiting  # woken by the change, long before the 30 s hold
+        assert answer == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
+        assert await reg.wait_endpoints(0, 30) == answer  # newer than 0: at once
+        assert await reg.wait_endpoints(1, 0.05) is None  # nothing newer than 1
+
+        many = [asyncio.ensure_future(reg.wait_endpoints(1, 30)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        clock.now += 31  # r1 goes stale; the sweep wakes every waiter
+        reg.sweep()
+        assert await asyncio.gather(*many) == [(2, {})] * 5
+
+    asyncio.run(main())
+
+
+def test_after_a_restart_clients_with_a_table_wait_for_the_warmup() -> None:
+    clock = Clock()
+    reg = registry(clock, warmup=15)
+
+    async def main() -> None:
+        beat(reg, "r1", address="127.0.0.1:9081")
+        assert await reg.wait_endpoints(0, 1) == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})  # a new proxy: at once
+        assert await reg.wait_endpoints(57, 0.1) is None  # holds a table from before the restart: not yet
+        clock.now += 15
+        # warm: a client ahead of this registry's count (its previous incarnation's) gets the table at once
+        assert await reg.wait_endpoints(57, 1) == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
+
+    asyncio.run(main())
+
+
+def test_the_change_signal_serves_several_event_loops_and_threads() -> None:
+    signal = ChangeSignal()
+
+    async def wait_for_thread() -> bool:
+        thread = threading.Timer(0.05, signal.notify)  # notified from another thread
+        thread.start()
+        try:
+            return await signal.wait(30)
+        finally:
+            thread.join()
+
+    assert asyncio.run(wait_for_thread()) is True
+    assert asyncio.run(wait_for_thread()) is True  # a second loop: no "bound to a different loop"
+    assert asyncio.run(signal.wait(0.01)) is False
+    assert asyncio.run(signal.wait(0)) is False
