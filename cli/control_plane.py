@@ -1,15 +1,211 @@
-"""`starmesh control-plane` (being built for issue 4)."""
+"""`starmesh control-plane`: follow a policy branch, sign releases, serve proxies."""
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+
 import click
 
-from starmesh.cli.compile import InputError
+from starmesh.cli.compile import ENTRY_HELP, InputError
 
-__all__ = ["control_plane_command"]
+__all__ = ["control_plane_command", "parse_ttl"]
+
+SECURITY_LATER = "comes with the security issue (5); without it the control plane serves plain HTTP"
+HA_LATER = "comes with the high-availability issue (9); until then state lives in --state-dir"
+
+_TTL = re.compile(r"^([0-9]{1,9})(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MIN_TTL = timedelta(seconds=10)
+_MAX_TTL = timedelta(days=365)
+
+
+def parse_ttl(text: str) -> timedelta:
+    """`7d`, `12h`, `30m`, `90s` as a timedelta; ValueError saying why otherwise."""
+    found = _TTL.match(text.strip())
+    if found is None:
+        raise ValueError(f"{text!r} is not a duration like 7d, 12h, 30m or 90s")
+    ttl = timedelta(seconds=int(found.group(1)) * _UNIT_SECONDS[found.group(2)])
+    if not _MIN_TTL <= ttl <= _MAX_TTL:
+        raise ValueError(f"{text!r} is outside 10s..365d")
+    return ttl
+
+
+def _relative(option: str, value: str) -> str:
+    path = PurePosixPath(value)
+    if "\\" in value or "\x00" in value or path.is_absolute() or ".." in path.parts:
+        raise InputError(f"{option} {value!r} must be a path inside the repository, relative to it, without `..`")
+    return value
+
+
+def _check_repo(repo: str) -> None:
+    from starmesh.reconciler.watch import is_remote
+
+    if not repo.strip():
+        raise InputError("--repo must not be empty")
+    if is_remote(repo):
+        scheme = repo.partition("://")[0] if "://" in repo else "ssh"
+        if scheme not in ("file", "http", "https", "ssh", "git"):
+            raise InputError(f"--repo {repo}: unsupported URL scheme {scheme!r} (file, http, https, ssh or git)")
+        return
+    path = Path(repo)
+    if not path.is_dir():
+        raise InputError(f"--repo {repo}: no such directory (give a Git repository's path or URL)")
+    import git
+
+    try:
+        git.Repo(str(path)).close()
+    except (git.exc.InvalidGitRepositoryError, git.exc.NoSuchPathError):
+        raise InputError(f"--repo {repo}: not a Git repository (run `git init` there, or give its URL)") from None
+
+
+def _check_key(key: Path) -> None:
+    from starmesh.bundle.errors import BundleError
+    from starmesh.bundle.keys import load_private_key
+
+    if not key.exists():
+        raise InputError(f"--key {key}: no such file (create a signing key with `starmesh keygen --out DIR`)")
+    try:
+        load_private_key(key)
+    except BundleError as exc:
+        raise InputError(f"--key: {exc}") from exc
 
 
 @click.command("control-plane")
-def control_plane_command() -> None:
-    """(being built for issue 4)"""
-    raise InputError("starmesh control-plane is being built (issue 4)")
+@click.option("--repo", required=True, metavar="PATH_OR_URL", help="The policy repository: a local path or a Git URL.")
+@click.option("--branch", default="main", show_default=True, metavar="NAME", help="The branch to follow.")
+@click.option(
+    "--key",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Ed25519 signing key, PEM PKCS#8 (`starmesh keygen`).",
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Bundles, releases, versions and a URL's mirror (created if missing).",
+)
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Address of the proxy API (port 0: any free port).")
+@click.option("--subdir", default="", metavar="DIR", help="The policy root inside the repository.")
+@click.option("--entry", default="mesh.star", show_default=True, metavar="FILE", help=ENTRY_HELP)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    metavar="SECONDS",
+    help="Seconds between reads of the branch [default: 10 for a local repo (a safety net: "
+    "ref changes are watched), 15 for a URL (fetched; failures back off up to 300)].",
+)
+@click.option(
+    "--proxy-ttl",
+    type=click.FloatRange(min=1, max=86400),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A proxy without a heartbeat for this long is stale (heartbeats every third of it).",
+)
+@click.option(
+    "--release-ttl",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help="How long a release is valid (7d, 12h, 30m, 90s); re-issued at half life.",
+)
+@click.option("--ca", metavar="DIR", help="Serve HTTPS with a mesh CA certificate (security issue 5).")
+@click.option("--join-token", metavar="TOKEN", help="The mesh's join token (security issue 5).")
+@click.option("--store", metavar="etcd://HOST:PORT,...", help="Keep state in etcd (high-availability issue 9).")
+def control_plane_command(
+    repo: str,
+    branch: str,
+    key: Path,
+    state_dir: Path,
+    listen: str,
+    subdir: str,
+    entry: str,
+    poll_interval: float | None,
+    proxy_ttl: float,
+    release_ttl: str,
+    ca: str | None,
+    join_token: str | None,
+    store: str | None,
+) -> None:
+    """Follow BRANCH of a policy repository and serve signed releases to proxies.
+
+    Each new commit is compiled; a commit with errors or failing golden requests is
+    refused (the last good release stays; the diagnostics are in /v1/status), and a
+    commit whose bundle is the released one issues nothing. Otherwise the bundle is
+    stored by digest and released as the next version, signed with --key (a DSSE
+    envelope, Ed25519), and rolled out as the policy's rollout() says. Versions only
+    ever increase, across restarts too. Rapid commits coalesce to the newest.
+
+    A local repository's refs are watched; a URL is mirrored into --state-dir and
+    fetched every --poll-interval.
+
+    It prints, on stdout, the bound address and then whether it is ready:
+
+    \b
+      listening 127.0.0.1:8080
+      ready release 1 sha256:...        (or `not ready: <why>`, then `ready ...` later)
+
+    SIGTERM or SIGINT: stop and exit 0.
+
+    \b
+    Example:
+      starmesh keygen --out keys
+      starmesh control-plane --repo . --branch main --key keys/signing.key \\
+        --state-dir .starmesh/control-plane --listen 127.0.0.1:8080
+    """
+    if ca is not None:
+        raise InputError(f"--ca {SECURITY_LATER}")
+    if join_token is not None:
+        raise InputError(f"--join-token {SECURITY_LATER}")
+    if store is not None:
+        raise InputError(f"--store {HA_LATER}")
+    from starmesh.reconciler.watch import check_branch
+    from starmesh.runtime.endpoints import parse_address
+
+    try:
+        check_branch(branch)
+    except ValueError as exc:
+        raise InputError(f"--branch: {exc}") from None
+    try:
+        parse_address(listen, allow_port_zero=True)
+    except ValueError as exc:
+        raise InputError(f"--listen: {exc}") from None
+    try:
+        ttl = parse_ttl(release_ttl)
+    except ValueError as exc:
+        raise InputError(f"--release-ttl: {exc}") from None
+    _relative("--subdir", subdir)
+    if not entry.strip():
+        raise InputError("--entry must not be empty")
+    _relative("--entry", entry)
+    _check_repo(repo)
+    _check_key(key)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--state-dir {state_dir}: cannot create it: {exc.strerror or exc}") from exc
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise InputError(f"--state-dir {state_dir}: not writable (give a directory this user can write)")
+
+    from starmesh.reconciler.service import ControlPlaneConfig, run_control_plane
+
+    config = ControlPlaneConfig(
+        repo=repo,
+        key=key,
+        state_dir=state_dir,
+        listen=listen,
+        branch=branch,
+        subdir=subdir,
+        entry=entry,
+        poll_interval=poll_interval,
+        proxy_ttl=proxy_ttl,
+        release_ttl=ttl,
+    )
+    sys.exit(run_control_plane(config))

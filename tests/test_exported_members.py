@@ -9,7 +9,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("package", ["starmesh.bundle", "starmesh.compiler", "starmesh.runtime", "starmesh.runtime.http"])
+@pytest.mark.parametrize(
+    "package", ["starmesh.bundle", "starmesh.compiler", "starmesh.reconciler", "starmesh.runtime", "starmesh.runtime.http"]
+)
 def test_every_exported_name_resolves(package: str) -> None:
     module = importlib.import_module(package)
     exported = list(module.__all__)

@@ -1,0 +1,232 @@
+"""The control-plane process: its parts wired together, its output, its signals.
+
+    --state-dir DIR
+      store/            FileStore ─► Ledger (bundles, releases, versions, status, rollout)
+      mirror.git        RepoSource's mirror of a --repo URL
+    Issuer(--key)       signs releases (TTL --release-ttl; re-issued at half life)
+    Registry(--proxy-ttl)  proxies' heartbeats ─► endpoints, stale proxies
+    Rollout             which release each proxy gets
+    Reconciler ◄─poke── RepoWatcher (watchdog / fetch poll)
+    api.make_app ─────► AppRunner/TCPSite on --listen
+
+What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
+
+    listening 127.0.0.1:8080                   the bound address (port 0 picks one)
+    ready release 3 sha256:<hex>               after the first reconcile pass, or
+    not ready: <why>                           then `ready ...` once a release exists
+
+It is ready (`/readyz` 200) once it can serve a release, compiled now or loaded from the
+store. Logs go to stderr. SIGTERM or SIGINT stop the watcher, the loop, the long-polls
+(cut after `shutdown_timeout`) and the listener, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp import web
+
+from starmesh.bundle.errors import BundleError
+from starmesh.bundle.keys import PrivateKey, load_private_key
+from starmesh.bundle.release import DEFAULT_TTL
+from starmesh.reconciler.api import ApiDeps, make_app
+from starmesh.reconciler.errors import ReconcilerError, StoreError
+from starmesh.reconciler.issuer import Issuer
+from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.reconcile import Reconciler, ReconcileResult
+from starmesh.reconciler.registry import Registry
+from starmesh.reconciler.rollout import Rollout
+from starmesh.reconciler.store import FileStore
+from starmesh.reconciler.watch import RepoSource, RepoWatcher
+
+__all__ = ["ControlPlane", "ControlPlaneConfig", "run_control_plane"]
+
+log = logging.getLogger("starmesh.control_plane")
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """What `starmesh control-plane` was asked to do (checked by the CLI)."""
+
+    repo: str
+    key: Path
+    state_dir: Path
+    listen: str
+    branch: str = "main"
+    subdir: str = ""
+    entry: str = "mesh.star"
+    poll_interval: float | None = None  # None: 10 s for a local repo, 15 s for a URL
+    proxy_ttl: float = 30.0
+    release_ttl: timedelta = DEFAULT_TTL
+    tick_interval: float = 1.0
+    shutdown_timeout: float = 1.0  # seconds in-flight requests (long-polls) get at stop
+
+
+class ControlPlane:
+    """One control-plane process's parts, started by `start` and stopped by `stop`."""
+
+    def __init__(self, config: ControlPlaneConfig, *, out: TextIO = sys.stdout, key: PrivateKey | None = None) -> None:
+        self.config = config
+        self.out = out
+        self.ledger = Ledger(FileStore(config.state_dir / "store"))
+        self.issuer = Issuer(self.ledger, key if key is not None else load_private_key(config.key), ttl=config.release_ttl)
+        self.registry = Registry(ttl=config.proxy_ttl)
+        self.rollout = Rollout(self.ledger, self.issuer, self.registry)
+        self.source = RepoSource(config.repo, config.branch, config.state_dir)
+        self.reconciler = Reconciler(
+            self.source,
+            self.ledger,
+            self.issuer,
+            self.rollout,
+            registry=self.registry,
+            subdir=config.subdir,
+            entry=config.entry,
+            on_result=self._after_pass,
+            tick_interval=config.tick_interval,
+        )
+        self.watcher = RepoWatcher(self.source, self.reconciler.poke, poll_interval=config.poll_interval)
+        self.stopping = asyncio.Event()
+        self.address: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._said_status = False
+        self._said_ready = False
+
+    # -- readiness -------------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        """None once a release can be served, else why not (`/readyz` 503, `not ready:`)."""
+        try:
+            if self.ledger.current() is not None:
+                return None
+        except StoreError as exc:
+            return f"the state store cannot be read: {exc}"
+        last = self.reconciler.last_result
+        if last is None:
+            return f"no release yet ({self.reconciler.phase})"
+        if last.outcome == "rejected" and last.commit is not None:
+            return (
+                f"no release yet: commit {last.commit[:12]} was rejected ({last.detail}); "
+                "see last_compile in /v1/status, fix the policy and commit"
+            )
+        return f"no release yet: {last.detail}"
+
+    def _after_pass(self, result: ReconcileResult) -> None:
+        """Say `ready ...` or `not ready: ...` after the first pass, and `ready` once a release exists."""
+        if self._said_ready:
+            return
+        current = self.ledger.current()
+        if current is not None:
+            self._say(f"ready release {current.version} {current.bundle}")
+            self._said_ready = self._said_status = True
+        elif not self._said_status:
+            self._say(f"not ready: {self.not_ready_reason()}")
+            self._said_status = True
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    # -- process ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the API, print the address, start the loop and the watcher."""
+        deps = ApiDeps(
+            ledger=self.ledger,
+            registry=self.registry,
+            rollout=self.rollout,
+            last_compile=self.ledger.last_compile,
+            ready=self.not_ready_reason,
+            extra_status=lambda: {"reconciler": self.reconciler.to_json()},
+        )
+        runner = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=self.config.shutdown_timeout)
+        await runner.setup()
+        self._runner = runner
+        host, port = _split(self.config.listen)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise ReconcilerError(f"--listen {self.config.listen}: cannot listen: {exc.strerror or exc}") from exc
+        bound_host, bound_port = runner.addresses[0][:2]
+        self.address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+        self._say(f"listening {self.address}")
+        log.info("following %s branch %s; state in %s", self.config.repo, self.config.branch, self.config.state_dir)
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self.reconciler.run(self.stopping), name="starmesh-reconcile"
+        )
+        await self.watcher.start()
+
+    async def stop(self) -> None:
+        """Stop the watcher, the loop and the listener; safe after a failed start."""
+        self.stopping.set()
+        self.source.close()
+        await self.watcher.stop()
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            # The loop sees `stopping` at once unless a compile is running in its thread.
+            done, _ = await asyncio.wait([task], timeout=self.config.shutdown_timeout)
+            if not done:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop; the exit code."""
+        self.install_signals()
+        try:
+            await self.start()
+        except ReconcilerError as exc:
+            print(f"starmesh: error: {exc}", file=sys.stderr, flush=True)
+            await self.stop()
+            return 2
+        await self.stopping.wait()
+        log.info("stopping")
+        await self.stop()
+        log.info("stopped")
+        return 0
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ReconcilerError(f"--listen {address!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def run_control_plane(config: ControlPlaneConfig, *, out: TextIO = sys.stdout) -> int:
+    """Run the control plane on uvloop until a stop signal; returns the exit code."""
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s starmesh control-plane %(levelname)s %(message)s"
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+
+    async def main() -> int:
+        try:
+            plane = ControlPlane(config, out=out)
+        except (ReconcilerError, BundleError) as exc:
+            print(f"starmesh: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        return await plane.run()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
