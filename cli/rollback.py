@@ -1,15 +1,97 @@
-"""`starmesh rollback` (being built for issue 4)."""
+"""`starmesh rollback`: ask the control plane to serve an older bundle as a new release.
+
+    starmesh rollback --to sha256:<hex> ──POST /v1/rollback {"to": digest}──► control plane
+        200 {new release}  → prints "release N now serves sha256:…"         exit 0
+        404 unknown digest → prints the control plane's reason               exit 1
+        malformed digest (checked before sending), unreachable, other errors  exit 2
+
+Rolling back never re-sends an old release (proxies refuse a version that is not newer,
+DESIGN.md "Releases"): the control plane issues a new, higher version whose bundle is
+the older one, and rolls it out to every proxy at once. The digest must be of a bundle
+the control plane has stored, i.e. one it compiled before: every release names the
+bundle it replaced (`previous`, shown by `starmesh verify`), and `starmesh status
+--format json` shows the bundles the release, the last compile and each proxy run.
+
+The HTTP call is `starmesh.cli.status.call_control_plane` (urllib, 10 s timeout, byte cap).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+import msgspec
 
 from starmesh.cli.compile import InputError
+from starmesh.cli.console import Consoles
+from starmesh.cli.status import call_control_plane, printable, short
 
 __all__ = ["rollback_command"]
 
 
+class _NewRelease(msgspec.Struct, frozen=True):
+    version: int
+    bundle: str
+    previous: str | None = None
+
+
+class _Wrapped(msgspec.Struct, frozen=True):
+    release: _NewRelease
+
+
+def _new_release(body: bytes) -> _NewRelease | None:
+    """The release the control plane issued, as `{version, bundle, ...}` or `{"release": {...}}`."""
+    try:
+        return msgspec.json.decode(body, type=_NewRelease)
+    except msgspec.MsgspecError:
+        pass
+    try:
+        return msgspec.json.decode(body, type=_Wrapped).release
+    except msgspec.MsgspecError:
+        return None
+
+
 @click.command("rollback")
-def rollback_command() -> None:
-    """(being built for issue 4)"""
-    raise InputError("starmesh rollback is being built (issue 4)")
+@click.option("--control-plane", "url", required=True, metavar="URL", help="The control plane's base URL.")
+@click.option("--to", "digest", required=True, metavar="sha256:<hex>", help="The digest of the bundle to serve again.")
+@click.option(
+    "--ca-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="For an https:// control plane: the mesh root certificate to trust.",
+)
+@click.pass_context
+def rollback_command(ctx: click.Context, url: str, digest: str, ca_cert: Path | None) -> None:
+    """Serve an earlier bundle again, as a new, higher release version.
+
+    The control plane signs a release naming the bundle sha256:<hex> (one it compiled
+    before) with the next version and sends it to every proxy at once. Exit status:
+    0 issued (the new version is printed), 1 the control plane does not know that
+    digest, 2 a malformed digest, an unreachable control plane or any other error.
+
+    \b
+    Examples:
+      curl -s "http://127.0.0.1:8080/v1/release?after=0&wait=0" > release.json
+      starmesh verify release.json --key keys/signing.pub --format json | jq -r .release.previous
+      starmesh rollback --control-plane http://127.0.0.1:8080 --to sha256:4f0c...
+    """
+    from starmesh.bundle.canonical import is_digest
+
+    consoles = ctx.find_object(Consoles) or Consoles.for_process()
+    if not is_digest(digest):
+        raise InputError(
+            f"--to {digest!r} is not a bundle digest like sha256:<64 lowercase hex> (give it in full: "
+            "`starmesh status --format json` shows the bundles in use, `starmesh verify` a release's previous one)"
+        )
+    answer = call_control_plane(url, "/v1/rollback", body={"to": digest}, ca_cert=ca_cert)
+    if answer.status == 404:
+        consoles.err.print(f"starmesh: rollback refused: {answer.error_text()}")
+        ctx.exit(1)
+    if answer.status not in (200, 201):
+        raise InputError(f"control plane at {answer.url} answered HTTP {answer.status}: {answer.error_text()}")
+    release = _new_release(answer.body)
+    if release is None:
+        raise InputError(f"control plane at {answer.url} answered something that is not a release")
+    consoles.out.print(f"release {release.version} now serves {printable(release.bundle)}")
+    if release.previous is not None:
+        consoles.out.print(f"  (replacing {short(release.previous)}; every proxy gets it at once)")

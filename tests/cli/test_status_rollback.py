@@ -1,0 +1,526 @@
+"""`starmesh status` and `starmesh rollback` against a real `starmesh control-plane` process.
+
+    test ──git commit──► repo (tmp_path) ◄──watch── starmesh control-plane (subprocess,
+      │                                               127.0.0.1:0, its own state dir and key)
+      └── starmesh status / rollback (CliRunner) ──HTTP──┘
+
+Proxies appear in the control plane's registry through its real proxy API (heartbeat
+and ACK/NACK posts), so the status table has rows without starting proxy processes.
+What a real control plane cannot be made to do (answer garbage, an HTTP error, vanish)
+is played by an in-process aiohttp server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from click.testing import CliRunner, Result
+
+from starmesh.bundle.keys import generate_keypair
+from starmesh.cli.console import make_console
+from starmesh.cli.main import main
+from starmesh.cli.compile import InputError
+from starmesh.cli.status import StatusDocument, call_control_plane, render_status
+
+STARMESH = Path(sys.executable).with_name("starmesh")
+DEADLINE = 30.0  # seconds; a bound on waiting for a condition, never an assertion about speed
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+POLICY = """\
+mesh(name = "shop", mtls = "disable")
+
+service(name = "reviews", versions = ["v1", "v2"])
+
+http_route(service = "reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
+"""
+
+BROKEN = """\
+mesh(name = "shop", mtls = "disable")
+
+service(name = "reviews", versions = ["v1", "v2"])
+
+http_route(service = "reviews", rules = [rule(backends = {"v1": 80, "v2": 10})])
+"""
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner(env={"NO_COLOR": "1", "FORCE_COLOR": None, "NO_PROXY": "*", "no_proxy": "*"})
+
+
+def run(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(main, list(args), catch_exceptions=False)
+
+
+# -- a policy repository -------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def commit(repo: Path, text: str, message: str) -> str:
+    (repo / "mesh.star").write_text(text, encoding="utf-8")
+    git(repo, "add", "mesh.star")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def make_repo(path: Path) -> tuple[Path, str]:
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.name", "Test")
+    git(path, "config", "user.email", "test@example.com")
+    return path, commit(path, POLICY.format(v1=100, v2=0), "all to v1")
+
+
+# -- the control plane process -------------------------------------------------------
+
+
+class ControlPlane:
+    """A running `starmesh control-plane` and the lines it printed (stdout and stderr)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # its own process group: the cleanup kills it whole
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.printed: list[str] = []
+        self.url = ""
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_line(self, pattern: str) -> re.Match[str]:
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"the control plane never printed {pattern!r}: {self.printed}") from None
+            if line is None:
+                raise AssertionError(f"the control plane exited ({self.process.wait()}): {self.printed}")
+            self.printed.append(line)
+            found = re.match(pattern, line)
+            if found:
+                return found
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=DEADLINE) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, body: dict[str, Any]) -> int:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        request.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=DEADLINE) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/v1/status")
+        assert code == 200, body
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def wait_status(self, test: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        end = time.monotonic() + DEADLINE
+        while True:
+            document = self.status()
+            if test(document):
+                return document
+            if time.monotonic() > end:
+                raise AssertionError(f"/v1/status never showed {what}: {document}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[tuple[ControlPlane, Path, str]]:
+    """A control plane watching a fresh repo whose first commit it has released as version 1."""
+    repo, first = make_repo(tmp_path / "repo")
+    private, public = generate_keypair(tmp_path / "keys")
+    argv = [
+        str(STARMESH), "control-plane", "--repo", str(repo), "--branch", "main", "--key", str(private),
+        "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    plane = ControlPlane(argv)
+    try:
+        address = plane.wait_line(r"^listening (\S+:\d+)$").group(1)
+        plane.url = f"http://{address}"
+        plane.wait_line(r"^ready release 1 sha256:[0-9a-f]{64}$")
+        yield plane, repo, first
+    finally:
+        plane.stop()
+
+
+def register(plane: ControlPlane, proxy_id: str, version: str, release: dict[str, Any] | None, error: str | None) -> None:
+    """Heartbeat as a proxy of `reviews`, then ACK `release` (or NACK it with `error`)."""
+    heartbeat = {"service": "reviews", "version": version, "address": "127.0.0.1:9", "release_version": None, "bundle": None}
+    assert plane.post(f"/v1/proxies/{proxy_id}", heartbeat) == 200
+    if release is not None:
+        report = {"version": release["version"], "bundle": release["bundle"], "error": error}
+        assert plane.post(f"/v1/proxies/{proxy_id}/status", report) in (200, 204)
+
+
+# -- status against the real control plane --------------------------------------------
+
+
+def line(lines: list[str], label: str) -> str:
+    """The summary line starting with `label`."""
+    found = [text for text in lines if text.startswith(label + " ")]
+    assert len(found) == 1, (label, lines)
+    return found[0]
+
+
+def test_status_text_and_json(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+    plane, repo, first = control_plane
+    release = plane.status()["release"]
+    register(plane, "reviews-a", "v1", release, None)
+    register(plane, "reviews-b", "v2", release, "golden request 'all-to-v1' failed: got v2")
+    plane.wait_status(
+        lambda d: {p["id"]: p["state"] for p in d["proxies"]} == {"reviews-a": "synced", "reviews-b": "failed"},
+        "one synced and one failed proxy",
+    )
+
+    result = run(runner, "status", "--control-plane", plane.url)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    short = release["bundle"][: len("sha256:") + 12]
+    assert lines[0] == f"control plane  {plane.url}"
+    assert line(lines, "following") == f"following      {repo} branch main  (idle)"
+    assert line(lines, "release") == f"release        1  bundle {short}  commit {first[:12]}"
+    assert line(lines, "last compile") == f"last compile   {first[:12]}  ok"
+    assert "proxies        2: 1 failed, 1 synced" in lines
+    header = next(line for line in lines if line.startswith("ID "))
+    assert header.split() == ["ID", "SERVICE", "VERSION", "RELEASE", "STATE", "ERROR", "LAST", "SEEN"]
+    rows = {line.split()[0]: line for line in lines if line.startswith("reviews-")}
+    assert rows["reviews-a"].split()[:6] == ["reviews-a", "reviews", "v1", "1", "synced", "-"]
+    assert rows["reviews-b"].split()[:5] == ["reviews-b", "reviews", "v2", "-", "failed"]
+    assert "golden request 'all-to-v1' failed: got v2" in rows["reviews-b"]
+    assert rows["reviews-a"].endswith(" ago")
+
+    result = run(runner, "status", "--control-plane", plane.url + "/", "--format", "json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert result.output == json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    assert document["release"]["version"] == 1 and document["release"]["bundle"] == release["bundle"]
+    assert document["last_compile"]["ok"] is True and document["last_compile"]["commit"] == first
+    assert sorted(p["id"] for p in document["proxies"]) == ["reviews-a", "reviews-b"]
+
+
+def test_status_shows_why_a_commit_was_refused(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+    plane, repo, first = control_plane
+    bad = commit(repo, BROKEN, "weights sum to 90")
+    plane.wait_status(lambda d: (d["last_compile"] or {}).get("commit") == bad, "the bad commit compiled")
+
+    result = run(runner, "status", "--control-plane", plane.url)
+    assert result.exit_code == 0, result.output  # status reports; it does not judge
+    lines = result.output.splitlines()
+    assert line(lines, "release").startswith("release        1  ")
+    assert line(lines, "release").endswith(f"commit {first[:12]}")
+    assert line(lines, "last compile").startswith(f"last compile   {bad[:12]}  failed, not released (")
+    assert any(re.fullmatch(r"  mesh\.star:5:\d+: SM206 .*weights sum to 90.*", line) for line in lines), lines
+
+
+# -- rollback against the real control plane -----------------------------------------
+
+
+def test_rollback_serves_an_older_bundle_as_a_new_version(
+    runner: CliRunner, control_plane: tuple[ControlPlane, Path, str], tmp_path: Path
+) -> None:
+    plane, repo, _ = control_plane
+    old = plane.status()["release"]["bundle"]
+    commit(repo, POLICY.format(v1=0, v2=100), "all to v2")
+    newer = plane.wait_status(lambda d: d["release"]["version"] == 2, "release 2")["release"]
+    assert newer["bundle"] != old
+
+    result = run(runner, "rollback", "--control-plane", plane.url, "--to", old)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"release 3 now serves {old}"
+
+    status = json.loads(run(runner, "status", "--control-plane", plane.url, "--format", "json").output)
+    assert status["release"]["version"] == 3 and status["release"]["bundle"] == old
+
+    # What proxies are served is release 3 naming the old bundle, and it verifies.
+    code, envelope = plane.get("/v1/release?after=2&wait=1")
+    assert code == 200
+    code, bundle = plane.get(f"/v1/bundles/{old}")
+    assert code == 200 and "sha256:" + hashlib.sha256(bundle).hexdigest() == old
+    (tmp_path / "release.json").write_bytes(envelope)
+    (tmp_path / "bundle.json").write_bytes(bundle)
+    verified = run(
+        runner, "verify", str(tmp_path / "release.json"), "--key", str(tmp_path / "keys" / "signing.pub"),
+        "--bundle", str(tmp_path / "bundle.json"),
+    )  # fmt: skip
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.splitlines()[0] == "verified: release 3 of mesh shop"
+
+
+def test_rollback_to_an_unknown_digest_exits_1(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+    plane, _, _ = control_plane
+    unknown = "sha256:" + hashlib.sha256(b"never compiled").hexdigest()
+    result = run(runner, "rollback", "--control-plane", plane.url, "--to", unknown)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("starmesh: rollback refused: ")
+    assert unknown in result.output
+    assert plane.status()["release"]["version"] == 1  # nothing was issued
+
+
+# -- bad input and unreachable control planes (exit 2) ---------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("digest", ["sha256:abc", "4f" * 32, "sha256:" + "G" * 64, "sha256:" + "AB" * 32])
+def test_rollback_checks_the_digest_before_sending(runner: CliRunner, digest: str) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"  # nothing listens: the check must come first
+    result = run(runner, "rollback", "--control-plane", url, "--to", digest)
+    assert result.exit_code == 2
+    assert f"--to {digest!r} is not a bundle digest like sha256:<64 lowercase hex>" in result.output
+
+
+@pytest.mark.parametrize("command", ["status", "rollback"])
+def test_an_unreachable_control_plane_is_exit_2(runner: CliRunner, command: str) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    args = ["--to", "sha256:" + "0" * 64] if command == "rollback" else []
+    result = run(runner, command, "--control-plane", url, *args)
+    assert result.exit_code == 2
+    assert result.output.startswith(f"starmesh: error: cannot reach the control plane at {url}/v1/")
+    assert "refused" in result.output
+
+
+def test_a_control_plane_url_must_be_http(runner: CliRunner) -> None:
+    result = run(runner, "status", "--control-plane", "127.0.0.1:7000")
+    assert result.exit_code == 2
+    assert "is not an http:// or https:// URL with a host" in result.output
+
+
+class FakeServer:
+    """An aiohttp app on 127.0.0.1:0 in a background loop, answering every path with `handler`."""
+
+    def __init__(self, handler: Callable[[web.Request], Any]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> tuple[web.AppRunner, str]:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            app_runner = web.AppRunner(app, access_log=None)
+            await app_runner.setup()
+            site = web.TCPSite(app_runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = app_runner.addresses[0][:2]
+            return app_runner, f"http://{host}:{port}"
+
+        self.runner, self.url = asyncio.run_coroutine_threadsafe(start(), self.loop).result(DEADLINE)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE)
+        self.loop.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[web.Request], Any]], str]]:
+    servers: list[FakeServer] = []
+
+    def start(handler: Callable[[web.Request], Any]) -> str:
+        servers.append(FakeServer(handler))
+        return servers[-1].url
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (200, b"<html>hello</html>", "answered something that is not a status document"),
+        (200, b'{"hello": 1}', "answered something that is not a status document"),
+        (200, b'{"release": null, "last_compile": null, "proxies": [{"state": "synced"}]}',
+         "answered something that is not a status document: Object missing required field `id`"),
+        (503, b'{"error": "not ready: no release yet"}', "answered HTTP 503: not ready: no release yet"),
+    ],
+)
+def test_garbage_answers_are_exit_2(
+    runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str], status: int, body: bytes, message: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    url = serve(handler)
+    for output_format in ("text", "json"):
+        result = run(runner, "status", "--control-plane", url, "--format", output_format)
+        assert result.exit_code == 2, result.output
+        assert f"control plane at {url}/v1/status {message}" in result.output
+
+
+def test_an_oversized_answer_is_cut_off(runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b" " * (1 << 20)
+        for _ in range(9):  # 9 MiB of whitespace: valid JSON padding, over the 8 MiB cap
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    url = serve(handler)
+    result = run(runner, "status", "--control-plane", url)
+    assert result.exit_code == 2
+    assert f"control plane at {url}/v1/status answered more than {8 << 20} bytes" in result.output
+
+
+def test_a_slow_drip_answer_meets_the_deadline(serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:  # one byte every 50 ms, forever: each read succeeds, the whole never ends
+            await response.write(b" ")
+            await asyncio.sleep(0.05)
+
+    url = serve(handler)
+    with pytest.raises(InputError, match=r"did not finish answering within 1 s"):
+        call_control_plane(url, "/v1/status", timeout=0.5)
+
+
+def test_rollback_passes_on_the_control_planes_error(runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+    seen: list[Any] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, await request.json()))
+        return web.json_response({"error": "this replica is not the leader"}, status=503)
+
+    url = serve(handler)
+    digest = "sha256:" + "0" * 64
+    result = run(runner, "rollback", "--control-plane", url, "--to", digest)
+    assert result.exit_code == 2
+    assert "answered HTTP 503: this replica is not the leader" in result.output
+    assert seen == [("POST", "/v1/rollback", {"to": digest})]
+
+
+# -- the text rendering (a fixed document) ----------------------------------------------
+
+
+def test_status_text_rendering(assert_snapshot: Callable[[str, str], None]) -> None:
+    bundle = "sha256:" + "ab" * 32
+    document = {
+        "release": {"version": 7, "bundle": bundle, "commit": "0123456789abcdef" * 2 + "01234567", "reason": "rollback"},
+        "last_compile": {
+            "commit": "fedcba9876543210" * 2 + "fedcba98",
+            "ok": False,
+            "diagnostics": [
+                {"file": "mesh.star", "line": 5, "col": 40, "code": "SM206", "severity": "error",
+                 "message": "rule(backends): weights sum to 90, not 100", "hint": None},
+                {"file": None, "line": None, "col": None, "code": "source", "severity": "error",
+                 "message": "cannot read commit \x1b[31mX", "hint": None},
+            ],
+        },
+        "reconciler": {"repo": "/srv/policy", "branch": "main", "phase": "idle", "last_result": None},
+        "rollout": {
+            "version": 7, "bundle": bundle, "phase": "baking", "stable": {"version": 6, "bundle": "sha256:" + "cd" * 32},
+            "canary": ["reviews-a", "reviews-b"], "acked": ["reviews-a"],
+            "failures": [{"proxy": "reviews-b", "reason": "golden request 'x' failed"}],
+            "bake_until": "2026-11-26T09:05:00.000Z", "halted": None,
+            "policy": {"canary_percent": 50, "bake_seconds": 300.0, "max_failures": 1},
+        },
+        "proxies": [
+            {"id": "reviews-a", "service": "reviews", "version": "v1", "release_version": 7, "bundle": bundle,
+             "state": "synced", "error": None, "last_seen": "2026-11-26T08:59:57.000Z"},
+            {"id": "reviews-b", "service": "reviews", "version": "v2", "release_version": 6, "bundle": None,
+             "state": "failed", "error": "golden request 'x' failed", "last_seen": "2026-11-26T08:57:00.000Z"},
+            {"id": "web-1", "service": "web", "version": "v1", "release_version": None, "bundle": None,
+             "state": "stale", "error": None, "last_seen": "2026-11-25T07:00:00Z"},
+        ],
+    }  # fmt: skip
+    import io
+
+    buffer = io.StringIO()
+    render_status(
+        make_console(buffer, color=False),
+        msgspec.convert(document, StatusDocument),
+        url="http://127.0.0.1:7000",
+        now=datetime(2026, 11, 26, 9, 0, 0, tzinfo=UTC),
+    )
+    assert_snapshot("status_text.txt", buffer.getvalue())
+
+
+def test_status_text_of_a_halted_rollout() -> None:
+    import io
+
+    document = {
+        "release": {"version": 9, "bundle": "sha256:" + "cd" * 32, "commit": "c" * 40, "reason": "halt"},
+        "last_compile": {"commit": "d" * 40, "ok": True, "diagnostics": []},
+        "rollout": {
+            "version": 8, "bundle": "sha256:" + "ef" * 32, "phase": "halted", "stable": {"version": 9, "bundle": "sha256:" + "cd" * 32},
+            "canary": ["a"], "acked": [], "failures": [{"proxy": "a", "reason": "bad"}], "bake_until": None,
+            "halted": {"reason": "1 failure(s), more than max_failures 0: a: bad",
+                       "rolled_back_to": {"version": 9, "bundle": "sha256:" + "cd" * 32}},
+            "policy": {"canary_percent": 10, "bake_seconds": 0.0, "max_failures": 0},
+        },
+        "proxies": [],
+    }  # fmt: skip
+    buffer = io.StringIO()
+    render_status(make_console(buffer, color=False), msgspec.convert(document, StatusDocument), url="http://x:1", now=datetime.now(UTC))
+    lines = buffer.getvalue().splitlines()
+    assert lines[1] == "release        9  bundle sha256:cdcdcdcdcdcd  commit cccccccccccc  (halt)"
+    assert lines[3] == "rollout        halted  release 8  stable 9  acked 0  failures 1 (tolerated 0)"
+    assert lines[4] == "  halted: 1 failure(s), more than max_failures 0: a: bad; rolled back as release 9 (sha256:cdcdcdcdcdcd)"
+    assert lines[5] == "proxies        0"
