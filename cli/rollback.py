@@ -12,7 +12,7 @@ the control plane has stored, i.e. one it compiled before: every release names t
 bundle it replaced (`previous`, shown by `starmesh verify`), and `starmesh status
 --format json` shows the bundles the release, the last compile and each proxy run.
 
-The HTTP call is `starmesh.cli.status.call_control_plane` (urllib, 10 s timeout, byte cap).
+The HTTP call is `starmesh.cli.control_client.call_control_plane` (urllib, 10 s timeout, byte cap).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import msgspec
 
 from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
-from starmesh.cli.status import call_control_plane, printable, short
+from starmesh.cli.control_client import call_control_plane, printable
+from starmesh.cli.status import short
 
 __all__ = ["rollback_command"]
 

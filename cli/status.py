@@ -10,21 +10,12 @@ commit, a halted rollout): scripts read `--format json` and decide. Exit 2 when 
 control plane cannot be reached, answers an HTTP error, or answers something that is
 not a status document; the message names the URL and the reason.
 
-HTTP. The command line talks to the control plane with `urllib.request`: one synchronous
-request per command needs no event loop, and urllib honours the usual `HTTP(S)_PROXY` /
-`NO_PROXY` variables as curl does. Every call is bounded: a 10 s timeout per socket
-operation, an overall deadline while reading, and a byte cap on the answer (8 MiB), so
-a wedged or hostile server cannot hang the command or fill its memory. `call_control_plane`
-is shared with `starmesh rollback`.
+The HTTP call is `starmesh.cli.control_client.call_control_plane` (urllib, bounded).
 """
 
 from __future__ import annotations
 
 import json
-import time
-import unicodedata
-import urllib.parse
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,96 +27,9 @@ from rich.text import Text
 
 from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
+from starmesh.cli.control_client import Answer, call_control_plane, printable
 
-__all__ = ["Answer", "StatusDocument", "call_control_plane", "parse_status", "render_status", "status_command"]
-
-TIMEOUT_SECONDS = 10.0
-MAX_ANSWER_BYTES = 8 << 20
-_CHUNK = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The control plane's HTTP answer: status code and body (at most MAX_ANSWER_BYTES)."""
-
-    url: str
-    status: int
-    body: bytes
-
-    def error_text(self) -> str:
-        """The `{"error": "..."}` message of a 4xx/5xx answer, or a printable excerpt of the body."""
-        try:
-            message = json.loads(self.body).get("error")
-        except (ValueError, AttributeError):
-            message = None
-        text = message if isinstance(message, str) else self.body[:300].decode("utf-8", "replace").strip()
-        return printable(text) or "(empty body)"
-
-
-def _base_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"--control-plane {url!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080)")
-    if parts.query or parts.fragment:
-        raise InputError(f"--control-plane {url!r}: give the base URL, without a query or fragment")
-    return url.rstrip("/")
-
-
-def call_control_plane(
-    url: str,
-    path: str,
-    *,
-    body: dict[str, object] | None = None,
-    ca_cert: Path | None = None,
-    timeout: float = TIMEOUT_SECONDS,
-    limit: int = MAX_ANSWER_BYTES,
-) -> Answer:
-    """GET (or, with `body`, POST as JSON) `url` + `path`; the answer whatever its status code.
-
-    Raises InputError (exit 2) naming the URL when the control plane cannot be reached,
-    the call times out, or the answer is larger than `limit` bytes."""
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    target = _base_url(url) + path
-    data = None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(target, data=data, method="GET" if body is None else "POST")
-    request.add_header("accept", "application/json")
-    if data is not None:
-        request.add_header("content-type", "application/json")
-    handlers: list[urllib.request.BaseHandler] = []
-    if ca_cert is not None:
-        try:
-            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_cert))))
-        except (OSError, ssl.SSLError) as exc:
-            raise InputError(f"--ca-cert {ca_cert}: cannot load the certificate: {exc}") from exc
-    opener = urllib.request.build_opener(*handlers)
-    deadline = time.monotonic() + 2 * timeout
-    try:
-        try:
-            response = opener.open(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:  # 4xx/5xx: still an answer
-            response = exc
-        with response:
-            status = int(response.status or 0)
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := response.read1(_CHUNK):  # what has arrived: a slow drip meets the deadline
-                size += len(chunk)
-                if size > limit:
-                    raise InputError(f"control plane at {target} answered more than {limit} bytes; is that a starmesh control plane?")
-                if time.monotonic() > deadline:
-                    raise InputError(f"control plane at {target} did not finish answering within {2 * timeout:g} s")
-                chunks.append(chunk)
-    except InputError:
-        raise
-    except urllib.error.URLError as exc:
-        raise InputError(f"cannot reach the control plane at {target}: {exc.reason}") from exc
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed HTTP
-        raise InputError(f"cannot reach the control plane at {target}: {exc or type(exc).__name__}") from exc
-    return Answer(url=target, status=status, body=b"".join(chunks))
-
+__all__ = ["StatusDocument", "parse_status", "render_status", "short", "status_command"]
 
 # -- the status document (DESIGN.md: /v1/status); unknown fields are ignored ------------
 
@@ -223,11 +127,6 @@ def parse_status(answer: Answer) -> tuple[StatusDocument, Any]:
 
 
 # -- text ----------------------------------------------------------------------------
-
-
-def printable(text: str) -> str:
-    """`text` with control characters (a hostile or garbled answer's) replaced."""
-    return "".join("\N{REPLACEMENT CHARACTER}" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def short(value: str | None, keep: int = 12) -> str:

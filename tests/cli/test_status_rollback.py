@@ -40,7 +40,8 @@ from starmesh.bundle.keys import generate_keypair
 from starmesh.cli.console import make_console
 from starmesh.cli.main import main
 from starmesh.cli.compile import InputError
-from starmesh.cli.status import StatusDocument, call_control_plane, render_status
+from starmesh.cli.control_client import call_control_plane
+from starmesh.cli.status import StatusDocument, render_status
 
 STARMESH = Path(sys.executable).with_name("starmesh")
 DEADLINE = 30.0  # seconds; a bound on waiting for a condition, never an assertion about speed
