@@ -203,3 +203,32 @@ def test_apply_and_parts_benches_run(tmp_path: Path) -> None:
     ).stdout
     for piece in ("reader", "upstream", "route+chain", "response head"):
         assert re.search(rf"^{re.escape(piece)}\s+[0-9.]+ µs$", parts_out, re.M), parts_out
+
+
+@pytest.mark.slow
+def test_propagation_bench_smoke_run_measures_commits_and_stops_everything(tmp_path: Path) -> None:
+    out_json = tmp_path / "propagation.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "propagation.py"), "--proxies", "2", "--commits", "2", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all 2 proxies applied" in run.stdout
+    numbers = json.loads(out_json.read_text())
+    assert numbers["proxies"] == 2 and len(numbers["seconds"]) == 2
+    assert all(seconds > 0 for seconds in numbers["seconds"])
+    # Every control plane and proxy it started is gone (they all ran from its temp dir).
+    assert not _running_with("starmesh-propagation-")
+
+
+def _running_with(text: str) -> list[str]:
+    """Command lines of live processes that mention `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found

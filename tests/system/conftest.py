@@ -1,0 +1,215 @@
+"""Fixtures for whole-system tests: a Git policy repo, a real control plane, proxies in the
+control-plane form, and test apps, all real processes on 127.0.0.1.
+
+    git commit ─► starmesh control-plane ─► long-poll ─► starmesh proxy (×N) ─► test apps
+                    (watches the repo)                    (--control-plane URL --trust KEY)
+
+The process, app and proxy helpers come from tests/runtime/e2e/conftest.py (loaded by
+path: conftest modules cannot be imported in importlib mode); `fleet` adds the Git repo,
+the signing key, the control plane and control-plane-form proxies. Everything started is
+stopped, and asserted gone, when the test ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _load_support() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "runtime" / "e2e" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("starmesh_e2e_support", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+support = _load_support()
+Process = support.Process
+Proxy = support.Proxy
+Mesh = support.Mesh
+h = support.h  # the client helpers fixture: call, many, send_all, poll_until, ...
+
+POLICY = """\
+mesh(name = "shop", mtls = "disable"{rollout})
+
+service(name = "front", versions = ["v1"])
+service(name = "app", versions = ["v1", "v2"])
+
+http_route("app", rules = [
+    rule(backends = {{"v1": {v1}, "v2": {v2}}}),
+])
+"""
+
+
+def policy(v1: int = 100, v2: int = 0, rollout: str = "") -> str:
+    """The fleet's policy: `app` split v1/v2 by weight; `rollout` is `mesh(rollout = ...)`'s value."""
+    return POLICY.format(v1=v1, v2=v2, rollout=f", rollout = {rollout}" if rollout else "")
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-c", "user.name=starmesh tests", "-c", "user.email=tests@example.invalid", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, f"git {' '.join(args)}: {out.stderr}"
+    return out.stdout.strip()
+
+
+def get_json(url: str, timeout: float = 10.0) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        data = json.loads(answer.read())
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_until(check: object, what: str, deadline: float = 30.0, interval: float = 0.05) -> object:
+    """Poll `check()` until it returns something truthy; fail saying `what` if it never does."""
+    assert callable(check)
+    end = time.monotonic() + deadline
+    last: object = None
+    while time.monotonic() < end:
+        try:
+            last = check()
+        except (OSError, urllib.error.URLError, ValueError) as exc:  # not up yet, mid-restart
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    pytest.fail(f"{what}: not within {deadline}s (last: {last!r})")
+
+
+@dataclass
+class ControlPlane:
+    process: Process
+    address: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def status(self) -> dict[str, object]:
+        return get_json(f"{self.url}/v1/status")
+
+    def release(self) -> dict[str, object] | None:
+        release = self.status()["release"]
+        assert release is None or isinstance(release, dict)
+        return release
+
+
+class Fleet:
+    """A policy repo, a signing key, a control plane and control-plane-form proxies."""
+
+    def __init__(self, mesh: Mesh, tmp_path: Path) -> None:
+        self.mesh = mesh
+        self.tmp_path = tmp_path
+        self.repo = tmp_path / "policy-repo"
+        self.repo.mkdir()
+        git(self.repo, "init", "-q", "-b", "main")
+        keys = tmp_path / "keys"
+        out = subprocess.run(
+            [sys.executable, "-m", "starmesh.cli", "keygen", "--out", str(keys)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        self.key = keys / "signing.key"
+        self.public = keys / "signing.pub"
+        self.control_planes: list[ControlPlane] = []
+        self.cp_state = tmp_path / "cp-state"
+
+    def commit(self, text: str, message: str = "policy", files: dict[str, str] | None = None) -> str:
+        (self.repo / "mesh.star").write_text(text)
+        for name, content in (files or {}).items():
+            (self.repo / name).write_text(content)
+        git(self.repo, "add", "-A")
+        git(self.repo, "commit", "-q", "--allow-empty", "-m", message)
+        return git(self.repo, "rev-parse", "HEAD")
+
+    def control_plane(self, extra: Sequence[str] = (), key: Path | None = None, listen: str = "127.0.0.1:0") -> ControlPlane:
+        argv = [
+            sys.executable, "-m", "starmesh.cli", "control-plane",
+            "--repo", str(self.repo), "--branch", "main", "--key", str(key or self.key),
+            "--state-dir", str(self.cp_state), "--listen", listen,
+            "--poll-interval", "1", "--proxy-ttl", "3",
+            *extra,
+        ]  # fmt: skip
+        process = Process("control-plane", argv)
+        self.mesh.processes.append(process)
+        cp = ControlPlane(process)
+
+        def listening(lines: list[str]) -> str | None:
+            for line in lines:
+                if line.startswith("listening "):
+                    return line.removeprefix("listening ").strip()
+            return None
+
+        cp.address = str(process.wait_for(listening, "'listening' line"))
+        self.control_planes.append(cp)
+        return cp
+
+    # Helpers as attributes: test modules cannot import a conftest in importlib mode.
+    policy = staticmethod(policy)
+    git = staticmethod(git)
+    wait_until = staticmethod(wait_until)
+
+    def proxy(
+        self,
+        cp: ControlPlane | Sequence[ControlPlane],
+        service: str,
+        version: str = "v1",
+        app: str = "127.0.0.1:9",
+        trust: Sequence[Path] | None = None,
+        state: Path | None = None,
+        wait_ready: bool = True,
+    ) -> Proxy:
+        """A control-plane-form proxy; waits until it is ready unless told not to."""
+        planes = [cp] if isinstance(cp, ControlPlane) else list(cp)
+        state_dir = state or self.mesh._next(f"state-{service}")
+        argv = [
+            sys.executable, "-m", "starmesh.cli", "proxy",
+            "--service", service, "--version", version, "--app", app,
+            "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--state-dir", str(state_dir),
+        ]  # fmt: skip
+        for plane in planes:
+            argv += ["--control-plane", plane.url]
+        for key in trust or [self.public]:
+            argv += ["--trust", str(key)]
+        process = Process(f"proxy {service}/{version}", argv)
+        self.mesh.processes.append(process)
+        proxy = Proxy(service, process)
+        proxy.wait_addresses()
+        proxy.state_dir = state_dir  # type: ignore[attr-defined]
+        if wait_ready:
+            proxy.wait_ready(30.0)
+        return proxy
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    started = Mesh(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def fleet(mesh: Mesh, tmp_path: Path) -> Fleet:
+    return Fleet(mesh, tmp_path)
