@@ -3,7 +3,9 @@
 The names below are the public surface; docs/proxy.md draws the modules. Submodules:
 `message` (Request, Response, Handler), `table` (RouteTable), `apply` (Applier: the one
 apply path), `lkg` (last-known-good on disk), `endpoints` (the endpoint table),
-`admin` (the admin listener), `proxy` (the process), `errors` (the exception tree).
+`admin` (the admin listener), `proxy` (the process), `control` (the control-plane
+client: release and endpoint long-polls, heartbeats, ACK/NACK), `identity` (the proxy id
+kept in the state dir), `errors` (the exception tree).
 """
 
 # Names resolve on first use (PEP 562): importing one submodule (the CLI's argument
@@ -16,9 +18,18 @@ from starmesh.bundle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from starmesh.runtime.apply import AppliedConfig, Applier, ApplyResult, RejectedApply
+    from starmesh.runtime.control import ControlLimits, ControlPlaneClient, ControlPlaneSettings
     from starmesh.runtime.endpoints import Endpoints, EndpointTable, parse_address, parse_endpoints
     from starmesh.runtime.errors import ConfigRejected, EndpointsError, LastKnownGoodError, ListenerError, ProxyError
-    from starmesh.runtime.lkg import LastKnownGood, Origin, load_last_known_good, save_last_known_good
+    from starmesh.runtime.lkg import (
+        HighWater,
+        LastKnownGood,
+        Origin,
+        StoredState,
+        load_last_known_good,
+        load_state,
+        save_last_known_good,
+    )
     from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
     from starmesh.runtime.proxy import Proxy, ProxyConfig, run_proxy
     from starmesh.runtime.table import RouteTable
@@ -28,11 +39,15 @@ __all__ = [
     "Applier",
     "ApplyResult",
     "ConfigRejected",
+    "ControlLimits",
+    "ControlPlaneClient",
+    "ControlPlaneSettings",
     "EndpointTable",
     "Endpoints",
     "EndpointsError",
     "Filter",
     "Handler",
+    "HighWater",
     "LastKnownGood",
     "LastKnownGoodError",
     "ListenerError",
@@ -44,7 +59,9 @@ __all__ = [
     "Request",
     "Response",
     "RouteTable",
+    "StoredState",
     "load_last_known_good",
+    "load_state",
     "parse_address",
     "parse_endpoints",
     "proxy_response",
@@ -57,6 +74,12 @@ _WHERE: dict[str, str] = {
     "Applier": "starmesh.runtime.apply",
     "ApplyResult": "starmesh.runtime.apply",
     "ConfigRejected": "starmesh.runtime.errors",
+    "ControlLimits": "starmesh.runtime.control",
+    "ControlPlaneClient": "starmesh.runtime.control",
+    "ControlPlaneSettings": "starmesh.runtime.control",
+    "HighWater": "starmesh.runtime.lkg",
+    "StoredState": "starmesh.runtime.lkg",
+    "load_state": "starmesh.runtime.lkg",
     "EndpointTable": "starmesh.runtime.endpoints",
     "Endpoints": "starmesh.runtime.endpoints",
     "EndpointsError": "starmesh.runtime.errors",

@@ -3,7 +3,8 @@
     GET /healthz    200 while the process runs
     GET /readyz     200 once a config is applied (file, control plane, last-known-good), else 503 and why
     GET /config     JSON: release_version, bundle, applied_at, origin, service, version,
-                    last_error (the last rejected apply and why), listeners
+                    last_error (the last rejected apply and why), listeners,
+                    control_plane ({url, last_contact, connected, proxy_id}; null in the --bundle form)
     GET /explain    ?service=S&path=P&method=M&source=S&header=name:value (header repeats):
                     the decision trace against the live table, as `starmesh explain --format json`
     GET /metrics    Prometheus text (text/plain; version=0.0.4)
@@ -35,13 +36,15 @@ class AdminInfo:
 
     `listeners` maps a listener's name (outbound, inbound, admin, app) to its address;
     `metrics` renders the Prometheus text; `not_ready` says why there is no config
-    (None: no config has been offered yet)."""
+    (None: no config has been offered yet); `control_plane` is `/config`'s block about
+    the control-plane connection (None in the `--bundle` form)."""
 
     service: str
     version: str
     listeners: Mapping[str, str]
     metrics: Callable[[], str]
     not_ready: Callable[[], str | None]
+    control_plane: Callable[[], Mapping[str, object] | None] = lambda: None
 
 
 def config_metrics(applier: Applier) -> str:
@@ -57,6 +60,10 @@ def config_metrics(applier: Applier) -> str:
         f'starmesh_config_apply_total{{result="ok"}} {applier.applies}\n'
         f'starmesh_config_apply_total{{result="rejected"}} {applier.rejections}\n'
     )
+
+
+def _optional_dict(block: Mapping[str, object] | None) -> dict[str, object] | None:
+    return None if block is None else dict(block)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -90,6 +97,7 @@ def admin_app(applier: Applier, info: AdminInfo) -> web.Application:
                 "version": info.version,
                 "last_error": None if last_error is None else last_error.to_json(),
                 "listeners": dict(info.listeners),
+                "control_plane": _optional_dict(info.control_plane()),
             }
         )
 

@@ -4,6 +4,11 @@
           ─► build the RouteTable off to the side ─► golden requests against it
           ─► swap one reference ─► persist last-known-good ─► ApplyResult (ACK / NACK reason)
 
+A control-plane apply also hands over the release's signed envelope; it is persisted
+with the bundle (the control-plane form re-verifies it at the next start), and the
+release high-water mark (`Applier.high_water`, the highest release version applied
+here) is kept up to date and persisted with every generation.
+
 The `--bundle FILE` form (origin `file`), a start from disk (`last-known-good`) and the
 control plane (`control-plane`) all call `Applier.apply`. Any failure keeps the old
 table and returns `ok=False` with a reason that says what is wrong; the same digest as
@@ -32,7 +37,7 @@ from starmesh.runtime.chain import ChainDeps
 from starmesh.runtime.endpoints import EndpointTable, check_endpoints, static_endpoints
 from starmesh.runtime.errors import ConfigRejected
 from starmesh.runtime.state import StateRegistry
-from starmesh.runtime.lkg import LastKnownGood, Origin, save_last_known_good
+from starmesh.runtime.lkg import HighWater, LastKnownGood, Origin, save_last_known_good
 from starmesh.runtime.table import RouteTable
 
 __all__ = ["AppliedConfig", "Applier", "ApplyResult", "RejectedApply", "rfc3339_now"]
@@ -60,7 +65,8 @@ class ApplyResult:
 
 @dataclass(frozen=True, slots=True)
 class AppliedConfig:
-    """The live config: its table and how it got here (what `/config` reports)."""
+    """The live config: its table and how it got here (what `/config` reports); `envelope` is
+    the signed release it came with (None for a `--bundle` file)."""
 
     table: RouteTable
     data: bytes
@@ -68,6 +74,7 @@ class AppliedConfig:
     release_version: int | None
     applied_at: str
     origin: Origin
+    envelope: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,8 @@ class Applier:
         self.current: RouteTable | None = None
         self.applied: AppliedConfig | None = None
         self.last_error: RejectedApply | None = None
+        self.high_water: HighWater | None = None
+        """The highest release applied here, ever (seeded from the state dir at start)."""
         self.applies = 0
         self.rejections = 0
         self._lock = asyncio.Lock()
@@ -117,17 +126,27 @@ class Applier:
         endpoints: EndpointTable | None = None,
         endpoints_source: str = "endpoints",
         endpoints_version: int | None = None,
+        envelope: bytes | None = None,
     ) -> ApplyResult:
         """Apply bundle bytes; never raises for a bad bundle (the result says why).
 
         `endpoints`, when given, replaces the registered endpoint table together with the
         bundle; with origin `file` every service/version in it must be declared by the
-        bundle (`endpoints_source` names it in errors, e.g. the file's path)."""
+        bundle (`endpoints_source` names it in errors, e.g. the file's path). `envelope`
+        is the verified release that named this bundle (persisted with it)."""
         async with self._lock:
             digest = digest_of(data)
             try:
                 result = self._apply(
-                    data, digest, expected_digest, release_version, origin, endpoints, endpoints_source, endpoints_version
+                    data,
+                    digest,
+                    expected_digest,
+                    release_version,
+                    origin,
+                    endpoints,
+                    endpoints_source,
+                    endpoints_version,
+                    envelope,
                 )
             except ConfigRejected as exc:
                 return self._reject(origin, digest, release_version, str(exc))
@@ -149,6 +168,7 @@ class Applier:
         endpoints: EndpointTable | None,
         endpoints_source: str,
         endpoints_version: int | None,
+        envelope: bytes | None,
     ) -> ApplyResult:
         if expected_digest is not None and digest != expected_digest:
             raise ConfigRejected(f"bundle rejected: bundle digest mismatch: expected {expected_digest}, got {digest}")
@@ -156,7 +176,7 @@ class Applier:
         if applied is not None and applied.digest == digest:  # already decoded, checked and built
             if endpoints is not None and origin == "file":
                 check_endpoints(endpoints, applied.table.bundle.spec, endpoints_source)
-            return self._same_bundle(applied, release_version, origin, endpoints, endpoints_version)
+            return self._same_bundle(applied, release_version, origin, endpoints, endpoints_version, envelope)
         try:
             bundle = decode_bundle(data)
         except BundleError as exc:
@@ -182,7 +202,8 @@ class Applier:
         if endpoints is not None:
             self.deps.endpoints.update(endpoints, version=endpoints_version)
         self.current = table
-        self.applied = AppliedConfig(table, data, digest, release_version, rfc3339_now(), origin)
+        self.applied = AppliedConfig(table, data, digest, release_version, rfc3339_now(), origin, envelope)
+        self._raise_high_water(release_version, digest)
         if origin != "last-known-good":  # falling back keeps the reason the newer config was refused
             self.last_error = None
         self.applies += 1
@@ -197,6 +218,7 @@ class Applier:
         origin: Origin,
         endpoints: EndpointTable | None,
         endpoints_version: int | None,
+        envelope: bytes | None,
     ) -> ApplyResult:
         """The applied digest again: nothing to build; a new endpoint table, release number
         or origin (a file that now says what last-known-good said) still counts."""
@@ -205,20 +227,32 @@ class Applier:
             self.deps.endpoints.update(endpoints, version=endpoints_version)
             self._retain()
             changed = True
-        if (release_version, origin) != (applied.release_version, applied.origin):
+        if (release_version, origin, envelope) != (applied.release_version, applied.origin, applied.envelope):
             applied = AppliedConfig(
-                applied.table, applied.data, applied.digest, release_version, applied.applied_at, origin
+                applied.table, applied.data, applied.digest, release_version, applied.applied_at, origin, envelope
             )
             self.applied = applied
+            self._raise_high_water(release_version, applied.digest)
             changed = True
         if origin != "last-known-good":
             self.last_error = None
         return ApplyResult(True, applied.release_version, applied.digest, changed=changed)
 
+    def _raise_high_water(self, release_version: int | None, digest: str) -> None:
+        if release_version is not None and (self.high_water is None or release_version > self.high_water.version):
+            self.high_water = HighWater(release_version, digest)
+
     async def update_endpoints(self, endpoints: EndpointTable, *, version: int | None = None) -> None:
-        """Replace the registered endpoint table (the control plane's feed) and persist it."""
+        """Replace the registered endpoint table (the control plane's feed) and persist it.
+
+        The same table again (a re-sync after a reconnect) only takes the new version number."""
         async with self._lock:
-            self.deps.endpoints.update(endpoints, version=version)
+            live = self.deps.endpoints
+            if endpoints == live.registered:
+                if version is not None:
+                    live.version = version
+                return
+            live.update(endpoints, version=version)
             self._retain()
             await self._persist()
 
@@ -255,9 +289,10 @@ class Applier:
             origin=applied.origin,
             endpoints=endpoints.registered,
             endpoints_version=endpoints.version,
+            envelope=applied.envelope,
         )
         try:
-            await asyncio.to_thread(save_last_known_good, self.state_dir, lkg)
+            await asyncio.to_thread(save_last_known_good, self.state_dir, lkg, high_water=self.high_water)
         except OSError as exc:
             log.error("could not persist last-known-good in %s: %s (the applied config stays live)",
                       self.state_dir, exc.strerror or exc)

@@ -3,6 +3,9 @@
     ProxyError                  anything the proxy refuses or cannot do; the message says what and why
      ├── ConfigRejected         a bundle (or endpoint table) that must not be applied: the NACK reason
      │    └── EndpointsError    an endpoint table (`--endpoints FILE`, the control plane) is invalid
+     ├── ControlPlaneError      a request to the control plane failed (unreachable, timed out, bad answer)
+     │    └── ResponseTooLarge  its answer was over the byte cap for that kind of answer; the read was cut
+     ├── IdentityError          the proxy id in the state dir cannot be read or written
      ├── LastKnownGoodError     the last-known-good files in the state dir are missing parts or corrupt
      └── ListenerError          a listener address is invalid or cannot be bound
 
@@ -12,7 +15,16 @@ are caught and re-raised `from exc`, with where it happened in the message.
 
 from __future__ import annotations
 
-__all__ = ["ConfigRejected", "EndpointsError", "LastKnownGoodError", "ListenerError", "ProxyError"]
+__all__ = [
+    "ConfigRejected",
+    "ControlPlaneError",
+    "EndpointsError",
+    "IdentityError",
+    "LastKnownGoodError",
+    "ListenerError",
+    "ProxyError",
+    "ResponseTooLarge",
+]
 
 
 class ProxyError(Exception):
@@ -25,6 +37,20 @@ class ConfigRejected(ProxyError):
 
 class EndpointsError(ConfigRejected):
     """An endpoint table is invalid (shape, service/version names, `host:port` addresses)."""
+
+
+class ControlPlaneError(ProxyError):
+    """A request to the control plane failed: refused, timed out, or answered with something unusable.
+
+    The message names the URL and what went wrong; the client backs off and fails over."""
+
+
+class ResponseTooLarge(ControlPlaneError):
+    """An answer from the control plane was over its byte cap (declared or streamed); the read was cut."""
+
+
+class IdentityError(ProxyError):
+    """The proxy id file (`STATE_DIR/proxy-id`) cannot be read or written."""
 
 
 class LastKnownGoodError(ProxyError):

@@ -10,13 +10,20 @@ Start in the `--bundle FILE [--endpoints FILE]` form: the file is applied (origi
 (origin `last-known-good`) if there is one, else it runs not ready and says why:
 traffic gets 503 `not-ready`, `/readyz` 503 with the reason.
 
+Start in the control-plane form (`--control-plane URL... --trust FILE...`): the newest
+last-known-good generation whose signed release verifies against the trusted keys
+(signature and digest; not expiry) is applied (origin `last-known-good`), falling back
+to the previous generation; then the `ControlPlaneClient` connects and keeps the config
+in step. With neither, the proxy runs not ready and keeps trying.
+
 What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
 
-    starmesh proxy: links are plaintext (local development: --bundle without certificates)
+    starmesh proxy: links are plaintext (...)
     outbound 127.0.0.1:15001
     inbound 127.0.0.1:15006
     admin 127.0.0.1:15000
     ready sha256:<hex>          or    not ready: <why>
+    applied release 7 sha256:<hex>     (control-plane form: after every apply from the control plane)
 
 Logs go to stderr, one line per event (applies, rejections, signals); nothing is
 logged per request.
@@ -37,29 +44,39 @@ from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
+from starmesh.bundle.keys import PublicKey
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.apply import Applier, ApplyResult
 from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.control import ControlLimits, ControlPlaneClient, ControlPlaneSettings
 from starmesh.runtime.endpoints import Endpoints, EndpointTable, parse_address, parse_endpoints
-from starmesh.runtime.errors import ConfigRejected, LastKnownGoodError, ListenerError
+from starmesh.runtime.errors import ConfigRejected, IdentityError, ListenerError
 from starmesh.runtime.http.client import UpstreamPool
 from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.http.server import start_listener
-from starmesh.runtime.lkg import load_last_known_good
+from starmesh.runtime.identity import load_or_create_proxy_id
+from starmesh.runtime.lkg import load_state
 from starmesh.runtime.message import Handler, Request, Response, proxy_response
+from starmesh.runtime.restore import restore_last_known_good
 from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.telemetry import MemoryRecorder
 
-__all__ = ["PLAINTEXT_NOTICE", "Proxy", "ProxyConfig", "run_proxy"]
+__all__ = ["CONTROL_PLANE_PLAINTEXT_NOTICE", "PLAINTEXT_NOTICE", "Proxy", "ProxyConfig", "run_proxy"]
 
 PLAINTEXT_NOTICE = "starmesh proxy: links are plaintext (local development: --bundle without certificates)"
+CONTROL_PLANE_PLAINTEXT_NOTICE = (
+    "starmesh proxy: links are plaintext (the control-plane form without mesh certificates)"
+)
 
 log = logging.getLogger("starmesh.proxy")
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """What `starmesh proxy` was asked to do (addresses are `HOST:PORT`, checked by the CLI)."""
+    """What `starmesh proxy` was asked to do (addresses are `HOST:PORT`, checked by the CLI).
+
+    Exactly one form: `bundle` (local development), or `control_plane` URLs with the
+    `trusted` release signing keys (`control_limits`: caps and timings, tests shrink them)."""
 
     service: str
     version: str
@@ -70,6 +87,9 @@ class ProxyConfig:
     state_dir: Path
     bundle: Path | None = None
     endpoints: Path | None = None
+    control_plane: tuple[str, ...] = ()
+    trusted: tuple[PublicKey, ...] = ()
+    control_limits: ControlLimits = ControlLimits()
     grace_seconds: float = 10.0
     limits: HttpLimits = HttpLimits()
 
@@ -106,6 +126,7 @@ class Proxy:
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self._not_ready: str | None = None
+        self.client: ControlPlaneClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
 
@@ -113,7 +134,10 @@ class Proxy:
 
     def not_ready_reason(self) -> str:
         """Why there is no config (what /readyz and 503 `not-ready` say)."""
-        return self._not_ready or "no config applied yet"
+        reason = self._not_ready or "no config applied yet"
+        if self.client is not None:
+            return f"{reason}; {self.client.waiting_for()}"
+        return reason
 
     def dispatchers(self) -> tuple[Handler, Handler]:
         """The outbound and inbound dispatch: take the current table once, hand it the request."""
@@ -169,35 +193,33 @@ class Proxy:
         )
 
     async def start_config(self) -> None:
-        """The start-up apply: the file; when it is refused, last-known-good; else not ready."""
+        """The start-up apply. `--bundle`: the file, and when it is refused last-known-good;
+        control-plane form: last-known-good whose release verifies. Else not ready."""
+        state_dir = self.config.state_dir
+        state = await asyncio.to_thread(load_state, state_dir)
+        self.applier.high_water = state.high_water
+        if self.config.bundle is None:
+            why = await restore_last_known_good(self.applier, state, state_dir=state_dir, trusted=self.config.trusted)
+            if why is not None:
+                self._not_ready = f"no config yet: {why}"
+            return
         result = await self.apply_files()
         if result.ok:
             return
         file_error = f"bundle file {self.config.bundle} not applied: {result.error}"
-        try:
-            lkg = load_last_known_good(self.config.state_dir)
-        except LastKnownGoodError as exc:
-            log.error("ignoring last-known-good: %s", exc)
-            self._not_ready = f"{file_error}; last-known-good ignored: {exc}"
-            return
-        if lkg is None:
-            self._not_ready = f"{file_error}; no last-known-good in {self.config.state_dir}"
-            return
-        fallback = await self.applier.apply(
-            lkg.data,
-            expected_digest=lkg.digest,
-            release_version=lkg.release_version,
-            origin="last-known-good",
-            endpoints=lkg.endpoints,
-            endpoints_version=lkg.endpoints_version,
-        )
-        if fallback.ok:
-            log.warning("started from last-known-good %s (%s)", lkg.digest, file_error)
+        why = await restore_last_known_good(self.applier, state, state_dir=state_dir, trusted=None)
+        if why is None:
+            log.warning("started from last-known-good (%s)", file_error)
         else:
-            self._not_ready = f"{file_error}; last-known-good {lkg.digest} not applied either: {fallback.error}"
+            self._not_ready = f"{file_error}; {why}"
 
-    async def reload(self) -> ApplyResult:
-        """SIGHUP: re-read the files and apply them; on failure the old table stays."""
+    async def reload(self) -> ApplyResult | None:
+        """SIGHUP: re-read the files and apply them; on failure the old table stays.
+
+        In the control-plane form there is nothing to re-read (None)."""
+        if self.config.bundle is None:
+            log.info("SIGHUP: nothing to re-read in the control-plane form; the control plane drives the config")
+            return None
         result = await self.apply_files()
         if result.ok:
             self._not_ready = None
@@ -209,7 +231,10 @@ class Proxy:
     # -- process -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Apply the config, bind every listener and print the addresses. ListenerError on a bind failure."""
+        """Apply the config, bind every listener, print the addresses, connect to the control plane.
+
+        ListenerError on a bind failure; IdentityError when the proxy id cannot be kept."""
+        settings = self._control_plane_settings()
         await self.start_config()
         outbound, inbound = self.dispatchers()
         sides: tuple[tuple[Literal["outbound", "inbound"], str, Handler], ...] = (
@@ -229,14 +254,19 @@ class Proxy:
             service=self.config.service,
             version=self.config.version,
             listeners=self.listeners,
-            metrics=self.recorder.render,
+            metrics=self._metrics,
             not_ready=lambda: None if self.applier.current is not None else self.not_ready_reason(),
+            control_plane=lambda: None if self.client is None else self.client.to_json(),
         )
         try:
             self._admin, self.listeners["admin"] = await start_admin(self.applier, info, host, port)
         except OSError as exc:
             raise ListenerError(f"--admin {self.config.admin}: cannot listen: {exc.strerror or exc}") from exc
-        self._say(PLAINTEXT_NOTICE)
+        if settings is not None:
+            self.client = ControlPlaneClient(
+                settings, self.applier, address=lambda: self.listeners["inbound"], on_applied=self._applied
+            )
+        self._say(PLAINTEXT_NOTICE if settings is None else CONTROL_PLANE_PLAINTEXT_NOTICE)
         for name in ("outbound", "inbound", "admin"):
             self._say(f"{name} {self.listeners[name]}")
         applied = self.applier.applied
@@ -244,6 +274,29 @@ class Proxy:
             self._say(f"ready {applied.digest}")
         else:
             self._say(f"not ready: {self.not_ready_reason()}")
+        if self.client is not None:
+            await self.client.start()
+
+    def _control_plane_settings(self) -> ControlPlaneSettings | None:
+        config = self.config
+        if config.bundle is not None:
+            return None
+        proxy_id = load_or_create_proxy_id(config.state_dir, config.service, config.version)
+        return ControlPlaneSettings(
+            urls=config.control_plane,
+            trusted=config.trusted,
+            proxy_id=proxy_id,
+            service=config.service,
+            version=config.version,
+            limits=config.control_limits,
+        )
+
+    def _applied(self, result: ApplyResult) -> None:
+        self._say(f"applied release {result.version} {result.digest}")
+
+    def _metrics(self) -> str:
+        text = self.recorder.render()
+        return text if self.client is None else text + self.client.metrics()
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -262,6 +315,8 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish for the grace period, close the pools."""
+        if self.client is not None:
+            await self.client.close()  # no apply starts while the proxy winds down
         for server in self._servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -287,7 +342,7 @@ class Proxy:
         self.install_signals()
         try:
             await self.start()
-        except ListenerError as exc:
+        except (ListenerError, IdentityError) as exc:
             log.error("%s", exc)
             print(f"starmesh: error: {exc}", file=sys.stderr, flush=True)
             await self.stop()

@@ -113,6 +113,7 @@ def test_not_ready_before_a_config(tmp_path: Path) -> None:
             "version": "v1",
             "last_error": None,
             "listeners": {"outbound": "127.0.0.1:1", "inbound": "127.0.0.1:2", "app": "127.0.0.1:3"},
+            "control_plane": None,
         }
         async with session.get(base + "/explain?service=api") as r:
             assert r.status == 503

@@ -20,7 +20,9 @@ from starmesh.runtime.chain import ChainDeps
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.endpoints import Endpoints, parse_address, parse_endpoints
 from starmesh.runtime.errors import EndpointsError, LastKnownGoodError
-from starmesh.runtime.lkg import LKG_FILE, load_last_known_good
+from starmesh.runtime.lkg import GENERATION_FILES, load_last_known_good
+
+NEWEST = GENERATION_FILES[0]  # the first save goes to the first slot
 from starmesh.runtime.message import EMPTY, Request, Response
 
 APP = "127.0.0.1:9"
@@ -135,7 +137,7 @@ def test_apply_swaps_in_the_table_and_persists_last_known_good(tmp_path: Path) -
     assert lkg is not None
     assert (lkg.data, lkg.digest, lkg.origin, lkg.release_version) == (data, digest_of(data), "file", None)
     names = sorted(p.relative_to(tmp_path / "state").as_posix() for p in (tmp_path / "state").rglob("*"))
-    assert names == ["bundles", f"bundles/{digest_of(data).replace(':', '-')}.json", LKG_FILE]
+    assert names == ["bundles", f"bundles/{digest_of(data).replace(':', '-')}.json", NEWEST]
 
 
 def test_static_endpoints_are_merged_and_pools_retained(tmp_path: Path) -> None:
@@ -254,31 +256,40 @@ def test_last_known_good_round_trip_and_corruption(tmp_path: Path) -> None:
     assert lkg is not None and dict(lkg.endpoints) == {"api": {"v2": ("127.0.0.1:7002",)}}
 
     # Restart: a fresh applier applies it as last-known-good, without rewriting it.
-    before = (state / LKG_FILE).read_bytes()
+    before = (state / NEWEST).read_bytes()
     fresh = make_applier(state)
     result = apply(fresh, lkg.data, expected_digest=lkg.digest, origin="last-known-good", endpoints=lkg.endpoints)
     assert result.ok and fresh.applied is not None and fresh.applied.origin == "last-known-good"
-    assert (state / LKG_FILE).read_bytes() == before
+    assert (state / NEWEST).read_bytes() == before
 
     bundle_file = next((state / "bundles").iterdir())
     bundle_file.write_bytes(data.replace(b"v1", b"v3"))
     with pytest.raises(LastKnownGoodError, match="corrupt: its bytes hash to"):
         load_last_known_good(state)
-    (state / LKG_FILE).write_text("{")
-    with pytest.raises(LastKnownGoodError, match="last-known-good.json: corrupt"):
+    (state / NEWEST).write_text("{")
+    with pytest.raises(LastKnownGoodError, match="last-known-good.a.json: corrupt"):
         load_last_known_good(state)
     assert load_last_known_good(tmp_path / "empty") is None
 
 
-def test_a_new_bundle_replaces_the_old_one_on_disk(tmp_path: Path) -> None:
+def test_two_generations_are_kept_on_disk(tmp_path: Path) -> None:
     state = tmp_path / "state"
     applier = make_applier(state)
-    apply(applier, compile_policy(tmp_path, "v1"))
-    v2 = compile_policy(tmp_path, "v2")
+    v1, v2 = compile_policy(tmp_path, "v1"), compile_policy(tmp_path, "v2")
+    apply(applier, v1)
     apply(applier, v2)
-    assert [p.name for p in (state / "bundles").iterdir()] == [digest_of(v2).replace(":", "-") + ".json"]
-    meta = json.loads((state / LKG_FILE).read_text())
-    assert meta["digest"] == digest_of(v2)
+    names = {digest_of(d).replace(":", "-") + ".json" for d in (v1, v2)}
+    assert {p.name for p in (state / "bundles").iterdir()} == names
+    metas = [json.loads((state / name).read_text()) for name in GENERATION_FILES]
+    assert [(m["generation"], m["digest"]) for m in metas] == [(1, digest_of(v1)), (2, digest_of(v2))]
+    # A third bundle takes the oldest slot; the bundle only it named goes.
+    v3 = with_spec(v1, request_tests=())
+    apply(applier, v3)
+    assert {p.name for p in (state / "bundles").iterdir()} == {
+        digest_of(d).replace(":", "-") + ".json" for d in (v2, v3)
+    }
+    lkg = load_last_known_good(state)
+    assert lkg is not None and (lkg.digest, lkg.generation) == (digest_of(v3), 3)
     assert not [p for p in state.rglob("*") if p.name.endswith(".tmp")]
 
 

@@ -369,7 +369,7 @@ def test_restart_from_last_known_good(
     assert first.stop() == 0
     state = tmp_path / "state"
     files = sorted(p.relative_to(state).as_posix() for p in state.rglob("*"))
-    assert files == ["bundles", f"bundles/{digest_of(mesh['v2']).replace(':', '-')}.json", "last-known-good.json"]
+    assert files == ["bundles", f"bundles/{digest_of(mesh['v2']).replace(':', '-')}.json", "last-known-good.a.json"]
 
     for broken, why in ((b"not json", "bundle is not valid JSON"), (golden_failing(mesh["v1"]), "golden requests failed")):
         write(bundle, broken)
@@ -453,8 +453,11 @@ def test_an_address_in_use_exits_2(tmp_path: Path, mesh: dict[str, Any]) -> None
         (["--outbound", "nope"], "--outbound: 'nope' is not HOST:PORT"),
         (["--app", "127.0.0.1:0"], "--app: '127.0.0.1:0': port 0 is not a number from 1 to 65535"),
         (["--admin", "127.0.0.1:70000"], "--admin: '127.0.0.1:70000': port 70000 is not a number"),
-        (["--control-plane", "http://127.0.0.1:1"], "the control-plane form comes with the reconciler (issue 4)"),
-        (["--bundle", None], "give --bundle FILE"),
+        (["--control-plane", "http://127.0.0.1:1"], "give exactly one of --bundle FILE"),
+        (["--bundle", None], "give --control-plane URL (with --trust FILE), or --bundle FILE"),
+        (["--ca-cert", "ca.crt"], "--ca-cert comes with the security issue (5"),
+        (["--join-token", "t"], "--join-token comes with the security issue (5"),
+        (["--trust", "signing.pub"], "--trust goes with --control-plane"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str | None], message: str) -> None:

@@ -1,0 +1,310 @@
+"""The proxy's control-plane client: releases, endpoints and heartbeats over long-poll HTTP.
+
+One `ControlPlaneClient` per proxy, one aiohttp session (`control_http.Channel`), three loops:
+
+    release    GET /v1/release?after=N&proxy=ID&wait=30     N: the live release, or 0
+                 │ 204: nothing newer ─► poll again
+                 ▼ 200: a DSSE envelope
+               verify_release: signature (before parsing), payload      ── refused ──┐
+                 │ type, trusted key, version > H, not expired                      │
+                 ▼                                                                  │
+               GET /v1/bundles/<digest>: 64 MiB cap, deadline          ── failed ───┤
+                 ▼                                                                  │
+               Applier.apply(origin="control-plane"): digest, runtime   ── refused ──┤
+                 │ validation, golden requests, swap, persist + envelope            │
+                 ▼                                                                  ▼
+               ACK {version, bundle, error: null}          NACK {version, bundle, error: "<why>"},
+                                                           then wait 1 s doubling to 60 s (same
+                                                           version) before polling again
+    endpoints  GET /v1/endpoints?after=N&wait=30 ─► parse_endpoints ─► Applier.update_endpoints
+    heartbeat  POST /v1/proxies/ID; reports go to POST /v1/proxies/ID/status (control_report.py)
+
+Every request has a byte cap and a deadline (`control_http.fetch`). Any failure moves to
+the next `--control-plane` URL and waits a jittered exponential backoff (0.2 s doubling
+to 10 s); a long-poll answered at once with nothing to do backs off too, so a broken
+control plane cannot spin the proxy. The data plane never waits on any of this: the
+live table stays until a verified, validated replacement is swapped in.
+
+`after` is the live release, while the check is against the high-water mark H (the
+highest release ever applied here, persisted). They differ only after a start from an
+older last-known-good generation (the newest was unusable): then the control plane's
+newest release, H itself, comes back and is applied again (the same version and bundle
+as H is no replay), while anything older than H is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import msgspec
+
+from starmesh.bundle.errors import BundleError
+from starmesh.bundle.release import Release, verify_release
+from starmesh.runtime.apply import Applier, ApplyResult
+from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlLimits, ControlPlaneSettings, snippet
+from starmesh.runtime.control_report import Reporter
+from starmesh.runtime.endpoints import parse_endpoints
+from starmesh.runtime.errors import ConfigRejected, ControlPlaneError, ResponseTooLarge
+
+__all__ = ["ControlLimits", "ControlPlaneClient", "ControlPlaneSettings"]
+
+log = logging.getLogger("starmesh.proxy")
+
+
+class _EndpointsAnswer(msgspec.Struct, frozen=True):
+    version: int
+    endpoints: msgspec.Raw
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a loop for good: a bug that escapes it is logged and the loop starts again."""
+    while True:
+        try:
+            await loop()
+        except Exception:
+            log.exception("the control-plane %s loop failed (a proxy bug); restarting it in 1 s", name)
+            await asyncio.sleep(1.0)
+
+
+class ControlPlaneClient:
+    """Keeps the proxy's config in step with the control plane (see the module docstring).
+
+    `address` gives the inbound listener's bound address (what peers call); `on_applied`
+    hears every successful control-plane apply (the proxy prints `applied release N ...`)."""
+
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        applier: Applier,
+        *,
+        address: Callable[[], str],
+        on_applied: Callable[[ApplyResult], None] = lambda result: None,
+        rng: random.Random | None = None,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.applier = applier
+        self.channel = Channel(settings)
+        self.targets = self.channel.targets
+        self._on_applied = on_applied
+        self._rng = rng or random.Random()
+        self._now = now
+        self.reporter = Reporter(self.channel, applied=lambda: applier.applied, address=address, rng=self._rng)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nacked: tuple[int | None, int] = (None, 0)  # (version, how many NACKs in a row)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the session and start the three loops."""
+        log.info("control plane: %s as proxy %s", ", ".join(self.settings.urls), self.settings.proxy_id)
+        self.channel.open()
+        for name, loop in (("heartbeats", self.reporter.run), ("releases", self._release_loop),
+                           ("endpoints", self._endpoints_loop)):
+            task = asyncio.get_running_loop().create_task(_supervised(name, loop), name=f"control plane {name}")
+            self._tasks.append(task)
+
+    async def close(self) -> None:
+        """Stop the loops and close the session."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.channel.close()
+
+    def to_json(self) -> dict[str, object]:
+        """`/config`'s `control_plane` block."""
+        return {**self.targets.to_json(), "proxy_id": self.settings.proxy_id}
+
+    def waiting_for(self) -> str:
+        """What the proxy is waiting for, for a not-ready reason (with the last error, if any)."""
+        why = f"waiting for a release from the control plane at {self.targets.current}"
+        if not self.targets.connected and self.targets.last_failure:
+            why += f" (last error: {self.targets.last_failure})"
+        refused = self.applier.last_error
+        if refused is not None and refused.origin == "control-plane":
+            why += f"; the last one was refused: {refused.error}"
+        return why
+
+    def metrics(self) -> str:
+        """`starmesh_control_plane_last_contact_seconds`: +Inf before any contact."""
+        age = self.targets.age()
+        value = "+Inf" if age is None else f"{age:.3f}"
+        return (
+            "# HELP starmesh_control_plane_last_contact_seconds Seconds since the control plane last answered.\n"
+            "# TYPE starmesh_control_plane_last_contact_seconds gauge\n"
+            f"starmesh_control_plane_last_contact_seconds {value}\n"
+        )
+
+    async def _pause(self, backoff: Backoff) -> None:
+        await asyncio.sleep(backoff.next())
+
+    # -- releases ------------------------------------------------------------------
+
+    async def _release_loop(self) -> None:
+        limits = self.limits
+        backoff = Backoff(limits.backoff_base, limits.backoff_cap, self._rng)
+        loop = asyncio.get_running_loop()
+        while True:
+            url = self.targets.current
+            applied = self.applier.applied
+            after = applied.release_version if applied is not None and applied.release_version is not None else 0
+            params = {"after": str(after), "proxy": self.settings.proxy_id, "wait": f"{limits.wait_seconds:g}"}
+            asked = loop.time()
+            try:
+                answer = await self.channel.request("GET", url + "/v1/release", params=params, cap=limits.envelope_bytes,
+                                             deadline=limits.wait_seconds + limits.poll_slack_seconds, what="release")
+            except ResponseTooLarge as exc:
+                self.targets.succeeded(url)
+                await self._refuse(None, None, f"release refused: {exc}")
+                continue
+            except ControlPlaneError as exc:
+                self.targets.failed(url, str(exc))
+                await self._pause(backoff)
+                continue
+            if answer.status not in (200, 204):
+                self.targets.failed(url, f"release from {url}: HTTP {answer.status}: {snippet(answer.body)}")
+                await self._pause(backoff)
+                continue
+            self.targets.succeeded(url)
+            acted = answer.status == 200 and await self._on_release(url, answer)
+            if not acted and loop.time() - asked < limits.quick_answer_seconds:
+                await self._pause(backoff)  # answered at once with nothing to do: do not spin
+            else:
+                backoff.reset()
+
+    async def _on_release(self, url: str, answer: Answer) -> bool:
+        """Verify, fetch, apply, report. True when it was acted on: applied, or refused (and the
+        NACK backoff waited); False for the release already live."""
+        header = answer.headers.get("x-starmesh-release-version", "")
+        claimed = int(header) if header.isdigit() and len(header) < 19 else None
+        mark = self.applier.high_water
+        now = self._now()
+        try:
+            verified = verify_release(
+                answer.body,
+                self.settings.trusted,
+                applied_version=None if mark is None else mark.version,
+                applied_digest=None if mark is None else mark.bundle,
+                now=now,
+            )
+        except BundleError as exc:
+            await self._refuse(claimed, None, f"release {claimed or '(unknown version)'} from {url} refused: {exc}")
+            return True
+        release = verified.release
+        applied = self.applier.applied
+        if verified.unchanged:
+            if applied is not None and (applied.release_version, applied.digest) == (release.version, release.bundle):
+                return False
+            # The high-water release, applied here before but not live now (its generation
+            # on disk was unusable): it may be applied again, if it has not expired.
+            if release.expires <= now:
+                await self._refuse(release.version, release.bundle,
+                                   f"release {release.version} from {url} refused: it expired at {release.expires_at}")
+                return True
+        try:
+            data = await self._bundle_for(url, release)
+        except ControlPlaneError as exc:
+            await self._refuse(release.version, release.bundle,
+                               f"release {release.version}: fetching bundle {release.bundle} failed: {exc}")
+            return True
+        result = await self.applier.apply(
+            data,
+            expected_digest=release.bundle,
+            release_version=release.version,
+            origin="control-plane",
+            envelope=answer.body,
+        )
+        if not result.ok:
+            await self._nack(release.version, release.bundle, f"release {release.version}: {result.error}")
+            return True
+        self._nacked = (None, 0)
+        self._on_applied(result)
+        await self.reporter.report(release.version, release.bundle, None)
+        return True
+
+    async def _bundle_for(self, url: str, release: Release) -> bytes:
+        applied = self.applier.applied
+        if applied is not None and applied.digest == release.bundle:
+            return applied.data  # a re-issue or rollback to the live bundle: nothing to fetch
+        answer = await self.channel.request("GET", f"{url}/v1/bundles/{release.bundle}", cap=self.limits.bundle_bytes,
+                                     deadline=self.limits.bundle_seconds, what=f"bundle {release.bundle}")
+        if answer.status != 200:
+            raise ControlPlaneError(f"bundle {release.bundle} from {url}: HTTP {answer.status}: {snippet(answer.body)}")
+        return answer.body
+
+    async def _refuse(self, version: int | None, bundle: str | None, reason: str) -> None:
+        """A release refused before it reached the applier: record it (/config last_error), NACK it."""
+        self.applier.reject("control-plane", reason, digest=bundle, release_version=version)
+        await self._nack(version, bundle, reason)
+
+    async def _nack(self, version: int | None, bundle: str | None, reason: str) -> None:
+        await self.reporter.report(version, bundle, reason)
+        same, count = self._nacked
+        count = count + 1 if same == version else 1
+        self._nacked = (version, count)
+        limits = self.limits
+        delay: float = min(limits.nack_backoff_cap, limits.nack_backoff_base * 2.0 ** min(count - 1, 32))
+        await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
+
+    # -- endpoints -----------------------------------------------------------------
+
+    async def _endpoints_loop(self) -> None:
+        limits = self.limits
+        backoff = Backoff(limits.backoff_base, limits.backoff_cap, self._rng)
+        loop = asyncio.get_running_loop()
+        after = 0  # after a failure, 0 again: a restarted control plane counts from scratch
+        refused: str | None = None
+        while True:
+            url = self.targets.current
+            asked = loop.time()
+            try:
+                version = await self._poll_endpoints(url, after)
+            except ControlPlaneError as exc:
+                self.targets.failed(url, str(exc))
+                after = 0
+                await self._pause(backoff)
+                continue
+            except ConfigRejected as exc:  # it answered, with a table that cannot be used
+                if str(exc) != refused:
+                    log.error("endpoint table refused, keeping the current one: %s", exc)
+                    refused = str(exc)
+                await self._pause(backoff)
+                continue
+            refused = None
+            if version is None and loop.time() - asked < limits.quick_answer_seconds:
+                await self._pause(backoff)
+                continue
+            backoff.reset()
+            if version is not None:
+                after = version
+
+    async def _poll_endpoints(self, url: str, after: int) -> int | None:
+        """One long-poll; the new table's version once applied, None when nothing was newer."""
+        limits = self.limits
+        params = {"after": str(after), "wait": f"{limits.wait_seconds:g}"}
+        answer = await self.channel.request("GET", url + "/v1/endpoints", params=params, cap=limits.endpoints_bytes,
+                                     deadline=limits.wait_seconds + limits.poll_slack_seconds, what="endpoints")
+        if answer.status == 204:
+            self.targets.succeeded(url)
+            return None
+        if answer.status != 200:
+            raise ControlPlaneError(f"endpoints from {url}: HTTP {answer.status}: {snippet(answer.body)}")
+        where = f"endpoints from {url}"
+        try:
+            decoded = msgspec.json.decode(answer.body, type=_EndpointsAnswer)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ConfigRejected(f'{where}: expected {{"version": N, "endpoints": {{...}}}}: {exc}') from exc
+        table = parse_endpoints(bytes(decoded.endpoints), where)
+        self.targets.succeeded(url)
+        await self.applier.update_endpoints(table, version=decoded.version)
+        return decoded.version

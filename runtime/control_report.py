@@ -1,0 +1,134 @@
+"""Heartbeats and ACK/NACK reports: what the control plane knows about this proxy.
+
+    POST /v1/proxies/ID          {service, version, address, release_version, bundle}
+                                 every `heartbeat_seconds` the answer names (5 s until it
+                                 does, kept within 0.1–60 s)
+    POST /v1/proxies/ID/status   {version, bundle, error}: ACK (error null) or NACK (the reason)
+
+The heartbeat registers the proxy (its inbound address goes into the endpoint table)
+and says what it runs. A report that does not get through is kept, only the latest
+one (a bound), and sent again after the next heartbeat; a 404 (the control plane does
+not know this id yet, or forgot it) gets a heartbeat and one more try. Failures move
+the shared `Targets` to the next URL and back off like the other loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from starmesh.runtime.apply import AppliedConfig
+from starmesh.runtime.control_http import Backoff, Channel, snippet
+from starmesh.runtime.errors import ControlPlaneError
+
+__all__ = ["Reporter"]
+
+log = logging.getLogger("starmesh.proxy")
+
+_MIN_HEARTBEAT = 0.1
+_MAX_HEARTBEAT = 60.0
+
+
+class _HeartbeatAnswer(msgspec.Struct, frozen=True):
+    heartbeat_seconds: float | None = None
+
+
+class Reporter:
+    """Sends heartbeats (`run`) and ACK/NACK reports (`report`) over the client's channel.
+
+    `applied` gives the live config (what the heartbeat says it runs); `address` the
+    inbound listener's bound address."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        applied: Callable[[], AppliedConfig | None],
+        address: Callable[[], str],
+        rng: random.Random,
+    ) -> None:
+        self.channel = channel
+        self.settings = channel.settings
+        self.limits = channel.limits
+        self._applied = applied
+        self._address = address
+        self._rng = rng
+        self.heartbeat_seconds = self.limits.heartbeat_seconds
+        self._pending: dict[str, Any] | None = None
+
+    async def report(self, version: int | None, bundle: str | None, error: str | None) -> None:
+        """ACK (error None) or NACK; kept and re-sent after the next heartbeat if it does not get through."""
+        self._pending = {"version": version, "bundle": bundle, "error": error}
+        await self._send()
+
+    async def _send(self, *, retried: bool = False) -> None:
+        report = self._pending
+        if report is None:
+            return
+        targets = self.channel.targets
+        url = targets.current
+        try:
+            answer = await self.channel.request(
+                "POST", f"{url}/v1/proxies/{self.settings.proxy_id}/status", cap=self.limits.answer_bytes,
+                deadline=self.limits.request_seconds, what="status report", body=report,
+            )
+        except ControlPlaneError as exc:
+            targets.failed(url, str(exc))
+            return
+        targets.succeeded(url)
+        if answer.status == 404 and not retried:  # not registered yet (or forgotten): heartbeat, then again
+            try:
+                await self.heartbeat(url)
+            except ControlPlaneError as exc:
+                targets.failed(url, str(exc))
+                return
+            await self._send(retried=True)
+            return
+        if self._pending is report:
+            self._pending = None
+        if answer.status >= 300:
+            log.warning("status report %s to %s answered HTTP %s: %s", report, url, answer.status, snippet(answer.body))
+
+    async def heartbeat(self, url: str) -> None:
+        """One heartbeat to `url`; takes the interval from the answer. ControlPlaneError when refused."""
+        applied = self._applied()
+        body = {
+            "service": self.settings.service,
+            "version": self.settings.version,
+            "address": self._address(),
+            "release_version": None if applied is None else applied.release_version,
+            "bundle": None if applied is None else applied.digest,
+        }
+        answer = await self.channel.request(
+            "POST", f"{url}/v1/proxies/{self.settings.proxy_id}", cap=self.limits.answer_bytes,
+            deadline=self.limits.request_seconds, what="heartbeat", body=body,
+        )
+        if answer.status >= 300:
+            raise ControlPlaneError(f"heartbeat (POST {url}): HTTP {answer.status}: {snippet(answer.body)}")
+        self.channel.targets.succeeded(url)
+        try:
+            seconds = msgspec.json.decode(answer.body, type=_HeartbeatAnswer).heartbeat_seconds
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            seconds = None
+        if seconds is not None:
+            self.heartbeat_seconds = min(_MAX_HEARTBEAT, max(_MIN_HEARTBEAT, seconds))
+
+    async def run(self) -> None:
+        """The heartbeat loop (runs until cancelled); a kept report follows each heartbeat."""
+        backoff = Backoff(self.limits.backoff_base, self.limits.backoff_cap, self._rng)
+        while True:
+            url = self.channel.targets.current
+            try:
+                await self.heartbeat(url)
+            except ControlPlaneError as exc:
+                self.channel.targets.failed(url, str(exc))
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            await self._send()
+            await asyncio.sleep(self.heartbeat_seconds)
