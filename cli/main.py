@@ -16,6 +16,7 @@ from starmesh.cli.lint import lint_command
 from starmesh.cli.proxy import proxy_command
 from starmesh.cli.rollback import rollback_command
 from starmesh.cli.status import status_command
+from starmesh.cli.up import up_command
 from starmesh.cli.verify import verify_command
 
 __all__ = ["main"]
@@ -47,3 +48,4 @@ main.add_command(control_plane_command)
 main.add_command(status_command)
 main.add_command(rollback_command)
 main.add_command(verify_command)
+main.add_command(up_command)
