@@ -1,15 +1,19 @@
 """The control plane: follow the policy branch, compile, sign releases, serve proxies.
 
-    watch      RepoSource (the repo and branch), RepoWatcher (wakes the loop on commits)
-    reconcile  Reconciler: tip -> compile -> store -> issue -> roll out, one pass at a time
-    store      Store, FileStore: durable bytes by key under --state-dir
-    ledger     Ledger: bundles, releases, versions, compile status on a Store
-    issuer     Issuer: allocate a version, sign, record
-    registry   Registry: proxies' heartbeats and reports, the endpoint table
-    rollout    Rollout, RolloutPolicy: which release each proxy gets
-    api        make_app(ApiDeps): the HTTP API proxies and the CLI talk to
-    service    ControlPlane, run_control_plane: the process
-    model      the records the parts pass each other; errors: the exception tree
+    source         RepoSource: the repo and branch, read in place or mirrored and fetched
+    watch          RepoWatcher: wakes the loop when the branch may have moved
+    reconcile      Reconciler: tip -> compile -> store -> issue -> roll out, one pass at a time
+    diagnostics    the findings `last_compile` keeps for a rejected commit (bounded)
+    store          Store, FileStore: durable bytes by key under --state-dir
+    ledger         Ledger: bundles, releases, versions, compile status on a Store
+    issuer         Issuer: allocate a version, sign, record
+    registry       Registry: proxies' heartbeats and reports, the endpoint table
+    rollout        Rollout: which release each proxy gets (canary, bake, promote, halt)
+    rollout_state  RolloutPolicy, RolloutState: what a rollout is asked, what it persisted
+    change_signal  ChangeSignal: wakes the long-polls (endpoints, releases) on a change
+    api            make_app(ApiDeps): the HTTP API proxies and the CLI talk to
+    service        ControlPlane, run_control_plane: the process
+    model          the records the parts pass each other; errors: the exception tree
 
 docs/design/issue4-interfaces.md draws how they fit.
 """
@@ -24,11 +28,19 @@ from starmesh.bundle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from starmesh.reconciler.api import ApiDeps, make_app
-    from starmesh.reconciler.errors import ReconcilerError, SourceUnavailable, StoreError, UnknownBundle
+    from starmesh.reconciler.errors import (
+        InvalidRegistration,
+        ReconcilerError,
+        RegistryFull,
+        SourceUnavailable,
+        StoreError,
+        UnknownBundle,
+    )
     from starmesh.reconciler.issuer import Issuer
     from starmesh.reconciler.ledger import RELEASE_HISTORY, Ledger
     from starmesh.reconciler.model import (
         CompileStatus,
+        ProxyEntry,
         ProxyRecord,
         ProxyState,
         ReleaseReason,
@@ -36,11 +48,13 @@ if TYPE_CHECKING:
         utc_now,
     )
     from starmesh.reconciler.reconcile import Outcome, ReconcileResult, Reconciler
-    from starmesh.reconciler.registry import ProxyEntry, Registry, RegistryFull
-    from starmesh.reconciler.rollout import Rollout, RolloutPolicy
+    from starmesh.reconciler.registry import Registry
+    from starmesh.reconciler.rollout import Rollout
+    from starmesh.reconciler.rollout_state import RolloutPolicy
     from starmesh.reconciler.service import ControlPlane, ControlPlaneConfig, run_control_plane
+    from starmesh.reconciler.source import RepoSource
     from starmesh.reconciler.store import FileStore, Store
-    from starmesh.reconciler.watch import RepoSource, RepoWatcher
+    from starmesh.reconciler.watch import RepoWatcher
 
 __all__ = [
     "RELEASE_HISTORY",
@@ -49,6 +63,7 @@ __all__ = [
     "ControlPlane",
     "ControlPlaneConfig",
     "FileStore",
+    "InvalidRegistration",
     "Issuer",
     "Ledger",
     "Outcome",
@@ -82,23 +97,24 @@ _WHERE: dict[str, str] = {
     "ControlPlane": "starmesh.reconciler.service",
     "ControlPlaneConfig": "starmesh.reconciler.service",
     "FileStore": "starmesh.reconciler.store",
+    "InvalidRegistration": "starmesh.reconciler.errors",
     "Issuer": "starmesh.reconciler.issuer",
     "Ledger": "starmesh.reconciler.ledger",
     "Outcome": "starmesh.reconciler.reconcile",
-    "ProxyEntry": "starmesh.reconciler.registry",
+    "ProxyEntry": "starmesh.reconciler.model",
     "ProxyRecord": "starmesh.reconciler.model",
     "ProxyState": "starmesh.reconciler.model",
     "ReconcileResult": "starmesh.reconciler.reconcile",
     "Reconciler": "starmesh.reconciler.reconcile",
     "ReconcilerError": "starmesh.reconciler.errors",
     "Registry": "starmesh.reconciler.registry",
-    "RegistryFull": "starmesh.reconciler.registry",
+    "RegistryFull": "starmesh.reconciler.errors",
     "ReleaseReason": "starmesh.reconciler.model",
     "ReleaseRecord": "starmesh.reconciler.model",
-    "RepoSource": "starmesh.reconciler.watch",
+    "RepoSource": "starmesh.reconciler.source",
     "RepoWatcher": "starmesh.reconciler.watch",
     "Rollout": "starmesh.reconciler.rollout",
-    "RolloutPolicy": "starmesh.reconciler.rollout",
+    "RolloutPolicy": "starmesh.reconciler.rollout_state",
     "SourceUnavailable": "starmesh.reconciler.errors",
     "Store": "starmesh.reconciler.store",
     "StoreError": "starmesh.reconciler.errors",

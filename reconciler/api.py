@@ -36,10 +36,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from starmesh.bundle.canonical import is_digest
-from starmesh.reconciler.errors import StoreError, UnknownBundle
+from starmesh.reconciler.errors import InvalidRegistration, RegistryFull, StoreError, UnknownBundle
 from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.model import CompileStatus
-from starmesh.reconciler.registry import InvalidRegistration, Registry, RegistryFull, check_proxy_id
+from starmesh.reconciler.registry import Registry, check_proxy_id
 from starmesh.reconciler.rollout import Rollout
 
 __all__ = ["DEFAULT_WAIT", "MAX_BODY", "MAX_LONG_POLLS", "MAX_WAIT", "ApiDeps", "make_app"]

@@ -3,7 +3,9 @@
     ReconcilerError             anything the control plane refuses or cannot do; the message says what
      ├── StoreError             the state store cannot be read or written (path, reason)
      ├── SourceUnavailable      the policy repository or branch cannot be read right now (retry later)
-     └── UnknownBundle          a digest the store does not hold (rollback target, bundle fetch)
+     ├── UnknownBundle          a digest the store does not hold (rollback target, bundle fetch)
+     ├── RegistryFull           every one of the registry's `max_proxies` is live: a new proxy is refused
+     └── InvalidRegistration    a heartbeat or report with a malformed id, name, address or digest
 
 Foreign errors (OSError, GitCommandError, BundleError) are mapped where they are caught
 and re-raised `from exc`, with where it happened in the message.
@@ -11,7 +13,14 @@ and re-raised `from exc`, with where it happened in the message.
 
 from __future__ import annotations
 
-__all__ = ["ReconcilerError", "SourceUnavailable", "StoreError", "UnknownBundle"]
+__all__ = [
+    "InvalidRegistration",
+    "ReconcilerError",
+    "RegistryFull",
+    "SourceUnavailable",
+    "StoreError",
+    "UnknownBundle",
+]
 
 
 class ReconcilerError(Exception):
@@ -28,3 +37,11 @@ class SourceUnavailable(ReconcilerError):
 
 class UnknownBundle(ReconcilerError):
     """No bundle with this digest was ever stored (rollback answers 404, CLI exits 1)."""
+
+
+class RegistryFull(ReconcilerError):
+    """The registry holds `max_proxies` live proxies; a new one is refused (API: 503)."""
+
+
+class InvalidRegistration(ReconcilerError):
+    """A heartbeat or report with a malformed id, name, address or digest (API: 400)."""

@@ -3,6 +3,9 @@
     ReleaseRecord    one signed release as issued (its envelope is what proxies fetch)
     CompileStatus    the outcome of compiling one commit (`/v1/status` `last_compile`)
     ProxyRecord      one registered proxy as `/v1/status` lists it
+    ProxyEntry       one proxy as the registry holds it (its clock, its last NACK); the
+                     registry hands these to the rollout and the API, `to_record` makes
+                     the ProxyRecord
 
 Times are RFC 3339 UTC strings; digests are `sha256:<hex>`.
 """
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-__all__ = ["CompileStatus", "ProxyRecord", "ProxyState", "ReleaseReason", "ReleaseRecord", "utc_now"]
+__all__ = ["CompileStatus", "ProxyEntry", "ProxyRecord", "ProxyState", "ReleaseReason", "ReleaseRecord", "utc_now"]
 
 ReleaseReason = Literal["commit", "reissue", "rollback", "halt"]
 """Why a release was issued: a new commit's bundle, the half-life re-issue of the same
@@ -111,3 +114,40 @@ class ProxyRecord:
             "last_seen": self.last_seen,
             **self.extra,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEntry:
+    """One proxy as the registry knows it; replaced whole on every heartbeat or report.
+
+    `seen` is the registry clock (monotonic) at the last contact, `last_seen` the same
+    moment as RFC 3339 UTC. `release_version`/`bundle` are what the proxy runs (its last
+    ACK, or its heartbeat's claim); `error` is its last NACK reason (None after an ACK)
+    and `nacked_version`/`nacked_bundle` what that NACK was about."""
+
+    id: str
+    service: str
+    version: str
+    address: str
+    seen: float
+    last_seen: str
+    release_version: int | None = None
+    bundle: str | None = None
+    error: str | None = None
+    nacked_version: int | None = None
+    nacked_bundle: str | None = None
+    stale: bool = False
+
+    def to_record(self, state: ProxyState) -> ProxyRecord:
+        """The `/v1/status` record, with the state the rollout gives this proxy."""
+        return ProxyRecord(
+            id=self.id,
+            service=self.service,
+            version=self.version,
+            address=self.address,
+            last_seen=self.last_seen,
+            release_version=self.release_version,
+            bundle=self.bundle,
+            state=state,
+            error=self.error,
+        )

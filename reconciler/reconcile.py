@@ -40,20 +40,21 @@ from typing import Literal
 
 from starmesh.compiler.compile import CompileResult, compile_commit
 from starmesh.compiler.errors import SourceError
+from starmesh.reconciler.diagnostics import MAX_DIAGNOSTICS, Diagnostic, capped, headline, unreadable
 from starmesh.reconciler.errors import SourceUnavailable
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.model import CompileStatus, ReleaseRecord, utc_now
 from starmesh.reconciler.registry import Registry
-from starmesh.reconciler.rollout import Rollout, RolloutPolicy
-from starmesh.reconciler.watch import RepoSource, backoff_delay
+from starmesh.reconciler.rollout import Rollout
+from starmesh.reconciler.rollout_state import RolloutPolicy
+from starmesh.reconciler.source import RepoSource
+from starmesh.reconciler.watch import backoff_delay
 
-__all__ = ["MAX_DIAGNOSTICS", "Outcome", "ReconcileResult", "Reconciler"]
+__all__ = ["MAX_DIAGNOSTICS", "Outcome", "ReconcileResult", "Reconciler"]  # MAX_DIAGNOSTICS: from diagnostics.py
 
 Outcome = Literal["released", "unchanged-commit", "unchanged-digest", "rejected", "source-unavailable"]
 
-MAX_DIAGNOSTICS = 200
-"""Findings kept in `last_compile` (a note says how many more there were)."""
 MAX_BACKOFF = 60.0
 """The longest wait before retrying a failed pass."""
 
@@ -186,43 +187,18 @@ class Reconciler:
                 return ReconcileResult("source-unavailable", tip, str(gone))
             if still != tip:
                 return ReconcileResult("source-unavailable", tip, f"the branch moved while reading {tip[:12]}")
-            return self._reject(tip, [self._source_diagnostic(str(exc))])
+            return self._reject(tip, [unreadable(str(exc), entry=self.entry, subdir=self.subdir)])
         if not result.ok or result.data is None or result.digest is None:
             return self._reject(tip, [finding.to_json() for finding in result.findings])
         return result
 
-    def _source_diagnostic(self, message: str) -> dict[str, object]:
-        where = f"{self.subdir.strip('/')}/" if self.subdir.strip("/") else ""
-        return {
-            "file": self.entry,
-            "line": 1,
-            "col": 1,
-            "code": "source",
-            "severity": "error",
-            "message": message,
-            "hint": f"commit a policy tree with {where}{self.entry} to the branch (--subdir/--entry pick another)",
-        }
-
-    def _reject(self, tip: str, diagnostics: list[dict[str, object]]) -> ReconcileResult:
+    def _reject(self, tip: str, diagnostics: list[Diagnostic]) -> ReconcileResult:
         errors = [d for d in diagnostics if d.get("severity") == "error"]
-        kept = (errors + [d for d in diagnostics if d.get("severity") != "error"])[:MAX_DIAGNOSTICS]
-        if len(diagnostics) > len(kept):
-            kept.append(
-                {
-                    "file": self.entry,
-                    "line": 1,
-                    "col": 1,
-                    "code": "truncated",
-                    "severity": "warning",
-                    "message": f"{len(diagnostics) - len(kept)} more findings not shown",
-                    "hint": f"run `starmesh lint` on commit {tip[:12]} to see them all",
-                }
-            )
+        kept = capped(diagnostics, entry=self.entry, commit=tip)
         self.ledger.set_last_compile(CompileStatus(tip, False, None, utc_now(), tuple(kept)))
         self.ledger.set_last_commit(tip)
         self._rejected = tip
-        first = errors[0] if errors else {}
-        where = f"{first.get('file')}:{first.get('line')}:{first.get('col')}: {first.get('code')} {first.get('message')}"
+        where = headline(errors[0] if errors else {})
         log.warning("commit %s rejected (%d errors; the release stays); first: %s", tip[:12], len(errors), where)
         return ReconcileResult("rejected", tip, f"{len(errors)} errors, first {where}")
 

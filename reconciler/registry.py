@@ -31,40 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from starmesh.bundle.canonical import is_digest
 from starmesh.compiler.values import ValueProblem, check_endpoint, check_name
-from starmesh.reconciler.errors import ReconcilerError
-from starmesh.reconciler.model import ProxyRecord, ProxyState, utc_now
+from starmesh.reconciler.change_signal import ChangeSignal
+from starmesh.reconciler.errors import InvalidRegistration, RegistryFull
+from starmesh.reconciler.model import ProxyEntry, ProxyRecord, ProxyState, utc_now
 
-__all__ = [
-    "ChangeSignal",
-    "EndpointTable",
-    "InvalidRegistration",
-    "ProxyEntry",
-    "Registry",
-    "RegistryFull",
-    "check_proxy_id",
-]
+__all__ = ["EndpointTable", "Registry", "check_proxy_id"]
 
 EndpointTable = dict[str, dict[str, list[str]]]
 """service → version → ["host:port", ...] (sorted), as `/v1/endpoints` answers it."""
 
 _PROXY_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _MAX_ERROR = 1000
-
-
-class RegistryFull(ReconcilerError):
-    """The registry holds `max_proxies` live proxies; a new one is refused (API: 503)."""
-
-
-class InvalidRegistration(ReconcilerError):
-    """A heartbeat or report with a malformed id, name, address or digest (API: 400)."""
 
 
 def check_proxy_id(proxy_id: str) -> str:
@@ -74,91 +58,6 @@ def check_proxy_id(proxy_id: str) -> str:
             f"invalid proxy id {proxy_id[:140]!r}: use 1-128 letters, digits, '.', '_' or '-'"
         )
     return proxy_id
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyEntry:
-    """One proxy as the registry knows it; replaced whole on every heartbeat or report.
-
-    `seen` is the registry clock (monotonic) at the last contact, `last_seen` the same
-    moment as RFC 3339 UTC. `release_version`/`bundle` are what the proxy runs (its last
-    ACK, or its heartbeat's claim); `error` is its last NACK reason (None after an ACK)
-    and `nacked_version`/`nacked_bundle` what that NACK was about."""
-
-    id: str
-    service: str
-    version: str
-    address: str
-    seen: float
-    last_seen: str
-    release_version: int | None = None
-    bundle: str | None = None
-    error: str | None = None
-    nacked_version: int | None = None
-    nacked_bundle: str | None = None
-    stale: bool = False
-
-    def to_record(self, state: ProxyState) -> ProxyRecord:
-        """The `/v1/status` record, with the state the rollout gives this proxy."""
-        return ProxyRecord(
-            id=self.id,
-            service=self.service,
-            version=self.version,
-            address=self.address,
-            last_seen=self.last_seen,
-            release_version=self.release_version,
-            bundle=self.bundle,
-            state=state,
-            error=self.error,
-        )
-
-
-class ChangeSignal:
-    """Wakes every waiter at once when something changed; `notify` is safe from any thread.
-
-    Each waiter parks on a future of its own event loop, so one signal serves callers
-    from several loops (tests run one `asyncio.run` after another)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def notify(self) -> None:
-        with self._lock:
-            waiters, self._waiters = self._waiters, set()
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        for future in waiters:
-            loop = future.get_loop()
-            if loop is running:
-                _wake(future)
-            elif not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(_wake, future)
-                except RuntimeError:  # the loop closed meanwhile: nobody is waiting there
-                    pass
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait for the next `notify`, at most `timeout` seconds; True when notified."""
-        if timeout <= 0:
-            return False
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            self._waiters.add(future)
-        try:
-            done, _ = await asyncio.wait({future}, timeout=timeout)
-            return bool(done)
-        finally:
-            with self._lock:
-                self._waiters.discard(future)
-            future.cancel()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class Registry:

@@ -19,8 +19,9 @@ something newer than stable, which a proxy never trades for a lower version).
 Canaries are the live proxies first in order of sha256("<version>:<id>"): deterministic,
 a different subset for each release. A proxy has ACKed when it reported the release or
 its heartbeat says it runs it (after a control-plane restart). The state is persisted
-as JSON in the ledger whenever it changes, the bake deadline as a wall-clock number from
-the injectable clock; proxies seen live while promoted are kept in memory only.
+as JSON in the ledger whenever it changes (`RolloutState`, in rollout_state.py with
+`RolloutPolicy`, which this module re-exports), the bake deadline as a wall-clock number
+from the injectable clock; proxies seen live while promoted are kept in memory only.
 
 A proxy that NACKed version V gets V again only after a hold that doubles with each NACK
 of V in a row (1 s, 2 s, 4 s, ... 300 s): `nack_hold` says how much of it is left.
@@ -37,55 +38,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
 
 import msgspec
 
 from starmesh.bundle.canonical import decode_bundle
 from starmesh.bundle.errors import BundleError
-from starmesh.reconciler.errors import ReconcilerError, StoreError, UnknownBundle
+from starmesh.reconciler.change_signal import ChangeSignal
+from starmesh.reconciler.errors import ReconcilerError, UnknownBundle
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
-from starmesh.reconciler.model import ProxyState, ReleaseRecord
-from starmesh.reconciler.registry import ChangeSignal, ProxyEntry, Registry
+from starmesh.reconciler.model import ProxyEntry, ProxyState, ReleaseRecord
+from starmesh.reconciler.registry import Registry
+from starmesh.reconciler.rollout_state import Phase, RolloutPolicy, RolloutState, stored_policy
 
 __all__ = ["MAX_NACK_HOLD", "Phase", "Rollout", "RolloutPolicy"]
 
 log = logging.getLogger("starmesh.reconciler.rollout")
 
-Phase = Literal["canary", "baking", "promoted", "complete", "halted"]
 MAX_NACK_HOLD = 300.0
 """The longest hold (seconds) before a NACKed release is sent to the same proxy again."""
 _MAX_REASON = 1000
-
-
-@dataclass(frozen=True)
-class RolloutPolicy:
-    """`mesh(rollout = rollout(...))`: canary share of live proxies, bake time, tolerated failures."""
-
-    canary_percent: int | float = 0
-    bake_seconds: float = 0.0
-    max_failures: int = 0
-
-    @classmethod
-    def from_bundle(cls, data: bytes) -> RolloutPolicy:
-        """The policy in a bundle's `spec.mesh.rollout`; BundleError when it does not decode."""
-        rollout = decode_bundle(data).spec.mesh.rollout
-        return cls(rollout.canary_percent, rollout.bake_ms / 1000, rollout.max_failures)
-
-
-class _State(msgspec.Struct, forbid_unknown_fields=True):
-    """The rollout's own record, as `rollout/state` holds it (versions name ledger releases)."""
-
-    version: int
-    phase: Phase
-    policy: RolloutPolicy
-    stable: int | None = None
-    canary: list[str] = []
-    acked: set[str] = set()
-    failures: dict[str, str] = {}  # proxy id -> reason, in the order they happened
-    bake_until: float | None = None
-    halted_reason: str | None = None
 
 
 @dataclass
@@ -104,7 +76,7 @@ class Rollout:
         self.ledger, self.issuer, self.registry, self.clock = ledger, issuer, registry, clock
         self._lock = threading.RLock()
         self._changed = ChangeSignal()
-        self._s: _State | None = None
+        self._s: RolloutState | None = None
         self._release: ReleaseRecord | None = None
         self._stable: ReleaseRecord | None = None
         self._targets: set[str] = set()
@@ -114,7 +86,7 @@ class Rollout:
             self._load(raw)
         current = ledger.current()
         if current is not None and current.version > self._known():
-            self.start(current, _policy_of(ledger, current.bundle))  # issued, never started (a crash between)
+            self.start(current, stored_policy(ledger, current.bundle))  # issued, never started (a crash between)
 
     # -- what starts rollouts ----------------------------------------------------------------
 
@@ -127,7 +99,7 @@ class Rollout:
             keep = [p for p in old.canary if self._is_live(p)] if old and old.phase in ("canary", "baking") else []
             staged = release.reason == "commit" and policy.canary_percent > 0 and self._stable is not None
             self._release, self._targets = release, set()
-            self._s = _State(release.version, "canary" if staged else "promoted", policy, self._stable_version())
+            self._s = RolloutState(release.version, "canary" if staged else "promoted", policy, self._stable_version())
             if staged:
                 self._s.canary = self._pick_canaries(keep)
             log.info("rollout of release %d (%s) starts %s", release.version, release.bundle, self._s.phase)
@@ -143,7 +115,7 @@ class Rollout:
             raise UnknownBundle(f"stored bundle {digest} does not decode: {exc}") from exc
         with self._lock:
             record = self.issuer.issue(digest, commit=commit, reason="rollback")
-            self.start(record, _policy_of(self.ledger, digest))
+            self.start(record, stored_policy(self.ledger, digest))
             return record
 
     def reissue(self) -> ReleaseRecord | None:
@@ -290,7 +262,7 @@ class Rollout:
         if s.phase != before or len(s.canary) != canaries:
             self._save()
 
-    def _halt(self, s: _State, stable: ReleaseRecord) -> None:
+    def _halt(self, s: RolloutState, stable: ReleaseRecord) -> None:
         try:
             halt = self.issuer.issue(stable.bundle, commit=stable.commit, reason="halt")
         except ReconcilerError as exc:  # tried again on the next tick or report
@@ -353,28 +325,18 @@ class Rollout:
         s = self._s
         if s is None:
             return
-        self.ledger.set_rollout_state(msgspec.json.encode(s))
+        self.ledger.set_rollout_state(s.encode())
         self.ledger.keep_releases(v for v in (s.version, s.stable) if v is not None)
         self._changed.notify()
 
     def _load(self, raw: bytes) -> None:
-        try:
-            s = msgspec.json.decode(raw, type=_State)
-        except msgspec.MsgspecError as exc:
-            raise StoreError(f"rollout/state is corrupt ({exc}); delete it to restart from the newest release") from exc
+        s = RolloutState.decode(raw)
         release = self.ledger.release(s.version)
         self._stable = None if s.stable is None else self.ledger.release(s.stable)
         if release is None:
             log.warning("rollout/state names release %d, which the ledger no longer holds: starting afresh", s.version)
             return
         self._s, self._release = s, release
-
-
-def _policy_of(ledger: Ledger, digest: str) -> RolloutPolicy:
-    try:
-        return RolloutPolicy.from_bundle(ledger.bundle(digest))
-    except (BundleError, UnknownBundle):
-        return RolloutPolicy()
 
 
 def _rank(version: int, proxy_id: str) -> bytes:

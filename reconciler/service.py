@@ -44,8 +44,9 @@ from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.reconcile import Reconciler, ReconcileResult
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
+from starmesh.reconciler.source import RepoSource
 from starmesh.reconciler.store import FileStore
-from starmesh.reconciler.watch import RepoSource, RepoWatcher
+from starmesh.reconciler.watch import RepoWatcher
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "run_control_plane"]
 

@@ -15,9 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from starmesh.bundle.keys import generate_keypair, load_private_key, load_public_key
 from starmesh.bundle.release import verify_release
-from starmesh.compiler.compile import compile_tree
 from starmesh.reconciler.api import ApiDeps, make_app
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
@@ -39,32 +37,23 @@ BEAT_ANSWER = {"heartbeat_seconds": 10.0, "ttl_seconds": 30}
 DEADLINE = 30.0  # seconds; a bound on waiting, never an assertion about speed
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Plane:
+    h: Any
     tmp: Path
+    keys: Any
     ledger: Ledger
     issuer: Issuer
     registry: Registry
     rollout: Rollout
-    wall: Clock
+    wall: Any  # h.Clock: the rollout's clock (NACK holds)
     not_ready: list[str | None] = field(default_factory=lambda: [None])
 
     def release(self, v1: int, percent: int = 0) -> ReleaseRecord:
-        root = self.tmp / f"policy-{v1}-{percent}"
-        root.mkdir(exist_ok=True)
-        (root / "mesh.star").write_text(POLICY.format(percent=percent, v1=v1, v2=100 - v1))
-        result = compile_tree(root)
-        assert result.data is not None, result.findings
-        record = self.issuer.issue(self.ledger.put_bundle(result.data), commit=f"c{v1}", reason="commit")
-        self.rollout.start(record, RolloutPolicy.from_bundle(result.data))
+        text = POLICY.format(percent=percent, v1=v1, v2=100 - v1)
+        data = self.h.compile_policy(self.tmp / f"policy-{v1}-{percent}", text)
+        record = self.issuer.issue(self.ledger.put_bundle(data), commit=f"c{v1}", reason="commit")
+        self.rollout.start(record, RolloutPolicy.from_bundle(data))
         return record
 
     def deps(self) -> ApiDeps:
@@ -79,13 +68,13 @@ class Plane:
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Plane:
-    private, _ = generate_keypair(tmp_path / "keys")
+def plane(tmp_path: Path, h: Any) -> Plane:
+    keys = h.keys(tmp_path / "keys")
     ledger = Ledger(FileStore(tmp_path / "state"))
-    issuer = Issuer(ledger, load_private_key(private))
+    issuer = Issuer(ledger, keys.signer())
     registry = Registry(ttl=30, max_proxies=3, warmup=0)
-    wall = Clock(1_800_000_000.0)
-    return Plane(tmp_path, ledger, issuer, registry, Rollout(ledger, issuer, registry, clock=wall), wall)
+    wall = h.Clock(1_800_000_000.0)
+    return Plane(h, tmp_path, keys, ledger, issuer, registry, Rollout(ledger, issuer, registry, clock=wall), wall)
 
 
 Check = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
@@ -222,8 +211,7 @@ def test_release_long_poll(plane: Plane) -> None:
             assert response.content_type == "application/json"
             envelope = await response.read()
         assert envelope == first.envelope
-        public = load_public_key(plane.tmp / "keys" / "signing.pub")
-        verified = verify_release(envelope, [public], applied_version=None, applied_digest=None,
+        verified = verify_release(envelope, plane.keys.trusted(), applied_version=None, applied_digest=None,
                                   now=datetime.now(UTC))  # fmt: skip
         assert verified.release.version == first.version
 

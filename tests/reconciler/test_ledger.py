@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from starmesh.bundle.keys import generate_keypair, load_private_key, load_public_key
 from starmesh.bundle.release import verify_release
-from starmesh.compiler.compile import compile_tree
 from starmesh.reconciler.errors import StoreError, UnknownBundle
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import RELEASE_HISTORY, Ledger
@@ -22,20 +22,18 @@ service(name = "cart", versions = ["v1", "v2"])
 http_route("cart", rules = [rule(backends = {"v1": %d, "v2": %d})])
 """
 
-
-def _bundle(tmp_path: Path, v1: int) -> bytes:
-    root = tmp_path / f"policy-{v1}"
-    root.mkdir()
-    (root / "mesh.star").write_text(POLICY % (v1, 100 - v1))
-    result = compile_tree(root)
-    assert result.data is not None, result.findings
-    return result.data
+Bundles = Callable[[int], bytes]
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> Path:
-    private, _ = generate_keypair(tmp_path / "keys")
-    return private
+def bundle(tmp_path: Path, h: Any) -> Bundles:
+    """A bundle (its bytes) sending `v1` percent of `cart` to v1, the rest to v2."""
+    return lambda v1: h.compile_policy(tmp_path / f"policy-{v1}", POLICY % (v1, 100 - v1))
+
+
+@pytest.fixture
+def keys(tmp_path: Path, h: Any) -> Any:
+    return h.keys(tmp_path / "keys")
 
 
 def test_file_store_round_trip_and_keys(tmp_path: Path) -> None:
@@ -61,7 +59,7 @@ def test_file_store_refuses_keys_outside_its_layout(tmp_path: Path, key: str) ->
         FileStore(tmp_path).put(key, b"x")
 
 
-def test_versions_only_go_up_across_restarts(tmp_path: Path, key: Path) -> None:
+def test_versions_only_go_up_across_restarts(tmp_path: Path) -> None:
     state = tmp_path / "state"
     ledger = Ledger(FileStore(state))
     assert [ledger.next_version() for _ in range(3)] == [1, 2, 3]
@@ -69,11 +67,11 @@ def test_versions_only_go_up_across_restarts(tmp_path: Path, key: Path) -> None:
     assert again.next_version() == 4
 
 
-def test_lost_high_water_file_never_lowers_versions(tmp_path: Path, key: Path) -> None:
+def test_lost_high_water_file_never_lowers_versions(tmp_path: Path, keys: Any, bundle: Bundles) -> None:
     state = tmp_path / "state"
     ledger = Ledger(FileStore(state))
-    digest = ledger.put_bundle(_bundle(tmp_path, 90))
-    issuer = Issuer(ledger, load_private_key(key))
+    digest = ledger.put_bundle(bundle(90))
+    issuer = Issuer(ledger, keys.signer())
     for _ in range(3):
         issuer.issue(digest, commit=None, reason="commit")
     (state / "versions" / "high-water").unlink()
@@ -87,10 +85,10 @@ def test_corrupt_high_water_is_a_store_error(tmp_path: Path) -> None:
         Ledger(store).next_version()
 
 
-def test_bundles_are_stored_by_digest_and_checked_on_read(tmp_path: Path) -> None:
+def test_bundles_are_stored_by_digest_and_checked_on_read(tmp_path: Path, bundle: Bundles) -> None:
     store = FileStore(tmp_path)
     ledger = Ledger(store)
-    data = _bundle(tmp_path, 90)
+    data = bundle(90)
     digest = ledger.put_bundle(data)
     assert ledger.put_bundle(data) == digest
     assert ledger.bundle(digest) == data and ledger.has_bundle(digest)
@@ -104,38 +102,38 @@ def test_bundles_are_stored_by_digest_and_checked_on_read(tmp_path: Path) -> Non
     assert not ledger.has_bundle("nonsense")
 
 
-def test_issued_releases_verify_and_chain_previous(tmp_path: Path, key: Path) -> None:
+def test_issued_releases_verify_and_chain_previous(tmp_path: Path, keys: Any, bundle: Bundles) -> None:
     ledger = Ledger(FileStore(tmp_path / "state"))
-    first = ledger.put_bundle(_bundle(tmp_path, 90))
-    second = ledger.put_bundle(_bundle(tmp_path, 50))
+    first = ledger.put_bundle(bundle(90))
+    second = ledger.put_bundle(bundle(50))
     now = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
-    issuer = Issuer(ledger, load_private_key(key), ttl=timedelta(hours=2), now=lambda: now)
+    issuer = Issuer(ledger, keys.signer(), ttl=timedelta(hours=2), now=lambda: now)
     one = issuer.issue(first, commit="a" * 40, reason="commit")
     two = issuer.issue(second, commit="b" * 40, reason="commit")
     assert (one.version, one.previous, two.version, two.previous) == (1, None, 2, first)
     assert ledger.current() == two and ledger.release(1) == one
     assert [r.version for r in ledger.releases()] == [1, 2]
-    trusted = [load_public_key(key.with_name("signing.pub"))]
+    trusted = keys.trusted()
     verified = verify_release(two.envelope, trusted, applied_version=1, applied_digest=first, now=now)
     assert verified.release.bundle == second and verified.release.mesh == "shop"
     assert verified.release.expires_at == "2026-11-26T11:00:00Z"
     assert issuer.reissue_at(two) == now + timedelta(hours=1)
     assert not issuer.reissue_due(two)
-    later = Issuer(ledger, load_private_key(key), ttl=timedelta(hours=2), now=lambda: now + timedelta(hours=1))
+    later = Issuer(ledger, keys.signer(), ttl=timedelta(hours=2), now=lambda: now + timedelta(hours=1))
     assert later.reissue_due(two)
 
 
-def test_issuing_an_unknown_bundle_fails_without_using_a_version(tmp_path: Path, key: Path) -> None:
+def test_issuing_an_unknown_bundle_fails_without_using_a_version(tmp_path: Path, keys: Any) -> None:
     ledger = Ledger(FileStore(tmp_path))
     with pytest.raises(UnknownBundle):
-        Issuer(ledger, load_private_key(key)).issue("sha256:" + "1" * 64, commit=None, reason="rollback")
+        Issuer(ledger, keys.signer()).issue("sha256:" + "1" * 64, commit=None, reason="rollback")
     assert ledger.high_water() == 0 and ledger.current() is None
 
 
-def test_release_history_is_bounded_but_kept_versions_stay(tmp_path: Path, key: Path) -> None:
+def test_release_history_is_bounded_but_kept_versions_stay(tmp_path: Path, keys: Any, bundle: Bundles) -> None:
     ledger = Ledger(FileStore(tmp_path))
-    digest = ledger.put_bundle(_bundle(tmp_path, 90))
-    issuer = Issuer(ledger, load_private_key(key))
+    digest = ledger.put_bundle(bundle(90))
+    issuer = Issuer(ledger, keys.signer())
     issuer.issue(digest, commit=None, reason="commit")
     ledger.keep_releases([1])
     for _ in range(RELEASE_HISTORY + 5):

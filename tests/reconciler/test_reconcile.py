@@ -9,8 +9,8 @@ waits poll for a condition with a generous deadline, never assert on elapsed tim
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from starmesh.bundle.canonical import decode_bundle
-from starmesh.bundle.keys import generate_keypair, load_private_key, load_public_key
 from starmesh.bundle.release import verify_release
 from starmesh.reconciler.errors import StoreError
 from starmesh.reconciler.issuer import Issuer
@@ -27,48 +26,12 @@ from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.reconcile import ReconcileResult, Reconciler
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
+from starmesh.reconciler.source import RepoSource
 from starmesh.reconciler.store import FileStore
-from starmesh.reconciler.watch import RepoSource
 
-DEADLINE = 30.0
-
-POLICY = """\
-mesh(name = "shop", mtls = "disable")
-service(name = "api", versions = ["v1", "v2"])
-http_route("api", rules = [rule(backends = {{"{to}": 100}})])
-request_test(name = "default route", service = "api", backends = "{expect}")
-"""
-
-
-def policy(to: str, expect: str | None = None) -> str:
-    return POLICY.format(to=to, expect=expect or to)
-
+DEADLINE = 30.0  # seconds the loop may take to stop: a bound, never an assertion about speed
 
 SYNTAX_ERROR = 'mesh(name = "shop"\nservice(name = "api")\n'
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
-def commit(repo: Path, files: dict[str, str]) -> str:
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-        git(repo, "add", name)
-    git(repo, "commit", "-q", "-m", "change " + ", ".join(files))
-    return git(repo, "rev-parse", "HEAD")
-
-
-class Clock:
-    """The issuer's wall clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
@@ -77,8 +40,8 @@ class Plane:
 
     repo: Path
     state: Path
-    key: Path
-    clock: Clock
+    keys: Any
+    clock: Any  # h.Clock of datetimes: the issuer's wall clock, moved by hand
     ledger: Ledger
     issuer: Issuer
     registry: Registry
@@ -89,49 +52,42 @@ class Plane:
         return asyncio.run(self.reconciler.reconcile())
 
     def restarted(self, **kw: Any) -> Plane:
-        return build(self.repo, self.state, self.key, self.clock, **kw)
+        return build(self.repo, self.state, self.keys, self.clock, **kw)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The reconcile loop as a task for the block; stopped, and awaited, at its end."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.reconciler.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, DEADLINE)
 
 
-def build(repo: Path, state: Path, key: Path, clock: Clock, **kw: Any) -> Plane:
+def build(repo: Path, state: Path, keys: Any, clock: Any, **kw: Any) -> Plane:
     ledger = Ledger(FileStore(state / "store"))
-    issuer = Issuer(ledger, load_private_key(key), now=clock)
+    issuer = Issuer(ledger, keys.signer(), now=clock)
     registry = Registry(ttl=30)
     rollout = Rollout(ledger, issuer, registry)
     source = RepoSource(str(repo), "main", state)
     reconciler = Reconciler(source, ledger, issuer, rollout, registry=registry, **kw)
-    return Plane(repo, state, key, clock, ledger, issuer, registry, rollout, reconciler)
+    return Plane(repo, state, keys, clock, ledger, issuer, registry, rollout, reconciler)
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Plane:
-    repo = tmp_path / "policy"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.name", "starmesh tests")
-    git(repo, "config", "user.email", "tests@starmesh.invalid")
-    git(repo, "config", "commit.gpgsign", "false")
-    key, _ = generate_keypair(tmp_path / "keys")
-    return build(repo, tmp_path / "state", key, Clock())
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
-
-
-async def until(test: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE
-    while not test():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+def plane(tmp_path: Path, h: Any) -> Plane:
+    repo = h.make_repo(tmp_path / "policy")
+    clock = h.Clock(datetime(2026, 1, 5, 9, 0, tzinfo=UTC))
+    return build(repo, tmp_path / "state", h.keys(tmp_path / "keys"), clock)
 
 
 # -- one pass ------------------------------------------------------------------------------
 
 
-def test_the_first_commit_is_released_signed_and_stored(plane: Plane) -> None:
-    tip = commit(plane.repo, {"mesh.star": policy("v1")})
+def test_the_first_commit_is_released_signed_and_stored(plane: Plane, h: Any) -> None:
+    tip = h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     result = plane.reconcile()
     assert result.outcome == "released"
     assert result.commit == tip and result.release is not None
@@ -143,15 +99,16 @@ def test_the_first_commit_is_released_signed_and_stored(plane: Plane) -> None:
     assert status is not None and status.ok and status.commit == tip and status.digest == record.bundle
     bundle = decode_bundle(plane.ledger.bundle(record.bundle), record.bundle)
     assert bundle.source.commit == tip
-    public = load_public_key(plane.key.with_name("signing.pub"))
-    verified = verify_release(record.envelope, [public], applied_version=None, applied_digest=None, now=plane.clock())
+    verified = verify_release(
+        record.envelope, plane.keys.trusted(), applied_version=None, applied_digest=None, now=plane.clock()
+    )
     assert (verified.release.version, verified.release.bundle, verified.release.mesh) == (1, record.bundle, "shop")
     assert plane.rollout.release_for(None) == record
     assert plane.reconciler.phase == "idle"
 
 
-def test_the_same_tip_is_no_work(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_the_same_tip_is_no_work(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     plane.reconcile()
     phases: list[str] = []
     plane.reconciler.on_status = phases.append
@@ -161,10 +118,10 @@ def test_the_same_tip_is_no_work(plane: Plane) -> None:
     assert plane.ledger.high_water() == 1
 
 
-def test_a_behaviour_change_is_the_next_version_with_previous(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_behaviour_change_is_the_next_version_with_previous(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     first = plane.reconcile().release
-    tip = commit(plane.repo, {"mesh.star": policy("v2")})
+    tip = h.commit(plane.repo, {"mesh.star": h.policy("v2")})
     phases: list[str] = []
     plane.reconciler.on_status = phases.append
     second = plane.reconcile()
@@ -175,10 +132,10 @@ def test_a_behaviour_change_is_the_next_version_with_previous(plane: Plane) -> N
     assert plane.rollout.release_for(None) == second.release
 
 
-def test_a_syntax_error_is_rejected_with_locations_and_the_release_stays(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_syntax_error_is_rejected_with_locations_and_the_release_stays(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     good = plane.reconcile().release
-    bad = commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
+    bad = h.commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
     result = plane.reconcile()
     assert result.outcome == "rejected" and result.commit == bad
     assert "mesh.star:" in result.detail
@@ -194,7 +151,7 @@ def test_a_syntax_error_is_rejected_with_locations_and_the_release_stays(plane: 
     assert plane.ledger.current() == good
     assert plane.ledger.last_commit() == bad
     assert plane.reconcile().outcome == "unchanged-commit", "a rejected tip is not compiled again"
-    fixed = commit(plane.repo, {"mesh.star": policy("v2")})
+    fixed = h.commit(plane.repo, {"mesh.star": h.policy("v2")})
     after = plane.reconcile()
     assert after.outcome == "released" and after.release is not None and good is not None
     assert (after.release.version, after.release.commit, after.release.previous) == (2, fixed, good.bundle)
@@ -202,10 +159,10 @@ def test_a_syntax_error_is_rejected_with_locations_and_the_release_stays(plane: 
     assert status is not None and status.ok and status.commit == fixed
 
 
-def test_a_failing_golden_request_is_rejected(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_failing_golden_request_is_rejected(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     plane.reconcile()
-    commit(plane.repo, {"mesh.star": policy("v2", expect="v1")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v2", expect="v1")})
     result = plane.reconcile()
     assert result.outcome == "rejected"
     status = plane.ledger.last_compile()
@@ -214,8 +171,8 @@ def test_a_failing_golden_request_is_rejected(plane: Plane) -> None:
     assert plane.ledger.high_water() == 1
 
 
-def test_a_commit_without_the_entry_file_is_one_source_diagnostic(plane: Plane) -> None:
-    commit(plane.repo, {"README.md": "policy lives elsewhere\n"})
+def test_a_commit_without_the_entry_file_is_one_source_diagnostic(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"README.md": "policy lives elsewhere\n"})
     result = plane.reconcile()
     assert result.outcome == "rejected"
     status = plane.ledger.last_compile()
@@ -231,8 +188,8 @@ def test_a_commit_without_the_entry_file_is_one_source_diagnostic(plane: Plane) 
     assert plane.restarted().reconcile().outcome == "rejected"
 
 
-def test_subdir_and_entry_pick_the_policy_root(plane: Plane) -> None:
-    tip = commit(plane.repo, {"deploy/policy/root.star": policy("v1"), "mesh.star": SYNTAX_ERROR})
+def test_subdir_and_entry_pick_the_policy_root(plane: Plane, h: Any) -> None:
+    tip = h.commit(plane.repo, {"deploy/policy/root.star": h.policy("v1"), "mesh.star": SYNTAX_ERROR})
     other = plane.restarted(subdir="deploy/policy", entry="root.star")
     result = other.reconcile()
     assert result.outcome == "released" and result.release is not None
@@ -240,13 +197,13 @@ def test_subdir_and_entry_pick_the_policy_root(plane: Plane) -> None:
     assert (bundle.source.commit, bundle.source.path) == (tip, "root.star")
 
 
-def test_an_identical_digest_issues_nothing(plane: Plane) -> None:
-    good_tip = commit(plane.repo, {"mesh.star": policy("v1")})
+def test_an_identical_digest_issues_nothing(plane: Plane, h: Any) -> None:
+    good_tip = h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     first = plane.reconcile().release
     assert first is not None
-    commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
+    h.commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
     assert plane.reconcile().outcome == "rejected"
-    git(plane.repo, "reset", "-q", "--hard", good_tip)  # the bad commit is dropped from the branch
+    h.git(plane.repo, "reset", "-q", "--hard", good_tip)  # the bad commit is dropped from the branch
     same = plane.reconcile()
     assert same.outcome == "unchanged-digest" and same.digest == first.bundle and same.release == first
     assert plane.ledger.current() == first and plane.ledger.high_water() == 1
@@ -255,54 +212,54 @@ def test_an_identical_digest_issues_nothing(plane: Plane) -> None:
     assert status is not None and status.ok and status.digest == first.bundle
 
 
-def test_a_bundle_names_its_commit_so_any_new_commit_is_a_new_release(plane: Plane) -> None:
+def test_a_bundle_names_its_commit_so_any_new_commit_is_a_new_release(plane: Plane, h: Any) -> None:
     """DESIGN.md: the bundle's `source.commit` is the commit, so its digest changes with
     every commit (a README, a comment); the behaviour does not, and proxies re-apply."""
-    commit(plane.repo, {"mesh.star": policy("v1")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     first = plane.reconcile().release
     assert first is not None
-    tip = commit(plane.repo, {"README.md": "who to ask about the mesh\n"})
+    tip = h.commit(plane.repo, {"README.md": "who to ask about the mesh\n"})
     readme = plane.reconcile()
     assert readme.outcome == "released" and readme.release is not None
     assert (readme.release.version, readme.release.commit) == (2, tip)
     old, new = (decode_bundle(plane.ledger.bundle(r.bundle)) for r in (first, readme.release))
     assert new.spec == old.spec and new.source.commit == tip
-    commit(plane.repo, {"mesh.star": "# the shop's mesh\n" + policy("v1")})
+    h.commit(plane.repo, {"mesh.star": "# the shop's mesh\n" + h.policy("v1")})
     moved = plane.reconcile()
     assert moved.outcome == "released" and moved.release is not None
     moved_bundle = decode_bundle(plane.ledger.bundle(moved.release.bundle))
     assert moved_bundle.spec.source_map != old.spec.source_map, "a comment moves the source map's lines"
 
 
-def test_versions_continue_upward_after_a_restart(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_versions_continue_upward_after_a_restart(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     plane.reconcile()
-    commit(plane.repo, {"mesh.star": policy("v2")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v2")})
     second = plane.reconcile().release
     restarted = plane.restarted()
     assert restarted.reconcile().outcome == "unchanged-commit", "the reconciled commit is persisted"
-    commit(plane.repo, {"mesh.star": policy("v1")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     third = restarted.reconcile()
     assert third.outcome == "released" and third.release is not None and second is not None
     assert third.release.version == 3 and third.release.previous == second.bundle
 
 
-def test_rapid_commits_coalesce_to_the_newest(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_rapid_commits_coalesce_to_the_newest(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     plane.reconcile()
-    commit(plane.repo, {"mesh.star": policy("v2")})
-    commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
-    newest = commit(plane.repo, {"mesh.star": "# newest\n" + policy("v2")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v2")})
+    h.commit(plane.repo, {"mesh.star": SYNTAX_ERROR})
+    newest = h.commit(plane.repo, {"mesh.star": "# newest\n" + h.policy("v2")})
     result = plane.reconcile()
     assert result.outcome == "released" and result.release is not None
     assert (result.release.version, result.release.commit) == (2, newest)
     assert [r.version for r in plane.ledger.releases()] == [1, 2]
 
 
-def test_a_vanished_repository_is_unavailable_not_rejected(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_vanished_repository_is_unavailable_not_rejected(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     plane.reconcile()
-    commit(plane.repo, {"mesh.star": policy("v2")})
+    h.commit(plane.repo, {"mesh.star": h.policy("v2")})
     moved = plane.repo.with_name("moved")
     plane.repo.rename(moved)
     result = plane.reconcile()
@@ -316,8 +273,8 @@ def test_a_vanished_repository_is_unavailable_not_rejected(plane: Plane) -> None
 # -- the half-life re-issue ----------------------------------------------------------------
 
 
-def test_a_tick_reissues_the_release_at_half_life(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_tick_reissues_the_release_at_half_life(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     first = plane.reconcile().release
     assert first is not None
     plane.reconciler.tick()
@@ -334,28 +291,23 @@ def test_a_tick_reissues_the_release_at_half_life(plane: Plane) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def test_the_loop_releases_new_commits_on_wake_up(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_the_loop_releases_new_commits_on_wake_up(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
 
     async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(plane.reconciler.run(stop))
-        try:
-            await until(lambda: plane.ledger.high_water() == 1, "the first pass")
-            tip = await asyncio.to_thread(commit, plane.repo, {"mesh.star": policy("v2")})
+        async with plane.running():
+            await h.until(lambda: plane.ledger.high_water() == 1, "the first pass")
+            tip = await asyncio.to_thread(h.commit, plane.repo, {"mesh.star": h.policy("v2")})
             plane.reconciler.poke()
-            await until(lambda: plane.ledger.last_commit() == tip, "the pass after the poke")
+            await h.until(lambda: plane.ledger.last_commit() == tip, "the pass after the poke")
             current = plane.ledger.current()
             assert current is not None and (current.version, current.commit) == (2, tip)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, DEADLINE)
 
-    run(main)
+    h.run(main)
 
 
-def test_wake_ups_during_a_pass_make_exactly_one_more(plane: Plane) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_wake_ups_during_a_pass_make_exactly_one_more(plane: Plane, h: Any) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     passes: list[ReconcileResult] = []
     ticks: list[int] = []
     reconciler = plane.reconciler
@@ -377,22 +329,19 @@ def test_wake_ups_during_a_pass_make_exactly_one_more(plane: Plane) -> None:
     reconciler.on_status = poke_while_compiling
 
     async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(reconciler.run(stop))
-        try:
-            await until(lambda: len(passes) == 2, "the second pass")
+        async with plane.running():
+            await h.until(lambda: len(passes) == 2, "the second pass")
             seen = len(ticks)
-            await until(lambda: len(ticks) >= seen + 5, "five more ticks")
+            await h.until(lambda: len(ticks) >= seen + 5, "five more ticks")
             assert [p.outcome for p in passes] == ["released", "unchanged-commit"]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, DEADLINE)
 
-    run(main)
+    h.run(main)
 
 
-def test_a_failing_pass_is_retried_with_backoff_and_the_loop_survives(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
-    commit(plane.repo, {"mesh.star": policy("v1")})
+def test_a_failing_pass_is_retried_with_backoff_and_the_loop_survives(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch, h: Any
+) -> None:
+    h.commit(plane.repo, {"mesh.star": h.policy("v1")})
     failures: list[int] = []
     put_bundle = plane.ledger.put_bundle
 
@@ -408,33 +357,23 @@ def test_a_failing_pass_is_retried_with_backoff_and_the_loop_survives(plane: Pla
     plane.reconciler.on_status = phases.append
 
     async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(plane.reconciler.run(stop))
-        try:
-            await until(lambda: plane.ledger.high_water() == 1, "the release after two failed passes")
+        async with plane.running():
+            await h.until(lambda: plane.ledger.high_water() == 1, "the release after two failed passes")
             assert len(failures) == 2
             retries = [p for p in phases if p.startswith("retrying in")]
             assert len(retries) == 2 and "No space left on device" in retries[0]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, DEADLINE)
 
-    run(main)
+    h.run(main)
 
 
-def test_a_missing_branch_waits_and_a_wake_up_retries(plane: Plane) -> None:
+def test_a_missing_branch_waits_and_a_wake_up_retries(plane: Plane, h: Any) -> None:
     async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(plane.reconciler.run(stop))
-        try:
-            await until(lambda: plane.reconciler.phase.startswith("retrying"), "the failed first pass")
+        async with plane.running():
+            await h.until(lambda: plane.reconciler.phase.startswith("retrying"), "the failed first pass")
             last = plane.reconciler.last_result
             assert last is not None and last.outcome == "source-unavailable" and "no branch 'main'" in last.detail
-            await asyncio.to_thread(commit, plane.repo, {"mesh.star": policy("v1")})
+            await asyncio.to_thread(h.commit, plane.repo, {"mesh.star": h.policy("v1")})
             plane.reconciler.poke()  # the watcher's hint cuts the backoff short
-            await until(lambda: plane.ledger.high_water() == 1, "the release after the first commit")
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, DEADLINE)
+            await h.until(lambda: plane.ledger.high_water() == 1, "the release after the first commit")
 
-    run(main)
+    h.run(main)

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
+from typing import Any
 
 import pytest
 
+from starmesh.reconciler.errors import InvalidRegistration, RegistryFull
 from starmesh.reconciler.model import ProxyRecord
-from starmesh.reconciler.registry import (
-    ChangeSignal,
-    InvalidRegistration,
-    Registry,
-    RegistryFull,
-    check_proxy_id,
-)
+from starmesh.reconciler.registry import Registry, check_proxy_id
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
 
 
-class Clock:
-    """A registry clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def registry(clock: Clock, **kwargs: float) -> Registry:
+def registry(clock: Any, **kwargs: float) -> Registry:
     options: dict[str, float] = {"ttl": 30.0, "forget_after": 600.0, "warmup": 0.0, **kwargs}
     return Registry(
         ttl=options["ttl"],
@@ -47,8 +32,8 @@ def beat(reg: Registry, proxy_id: str, service: str = "reviews", version: str = 
     reg.heartbeat(proxy_id, service, version, address, release_version=release_version, bundle=bundle)
 
 
-def test_heartbeats_build_the_endpoint_table_and_its_version_counts_changes() -> None:
-    clock = Clock()
+def test_heartbeats_build_the_endpoint_table_and_its_version_counts_changes(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock)
     assert reg.endpoints() == (0, {})
     beat(reg, "r1", address="127.0.0.1:9081")
@@ -70,8 +55,8 @@ def test_heartbeats_build_the_endpoint_table_and_its_version_counts_changes() ->
     assert reg.heartbeat_seconds == 10.0
 
 
-def test_a_silent_proxy_goes_stale_leaves_the_table_and_is_forgotten_later() -> None:
-    clock = Clock()
+def test_a_silent_proxy_goes_stale_leaves_the_table_and_is_forgotten_later(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock, ttl=30, forget_after=100)
     beat(reg, "r1", address="127.0.0.1:9081")
     beat(reg, "r2", address="127.0.0.1:9082")
@@ -97,8 +82,8 @@ def test_a_silent_proxy_goes_stale_leaves_the_table_and_is_forgotten_later() -> 
     assert reg.get("r1") is None and reg.entries() == []
 
 
-def test_two_proxies_on_one_address_leave_it_in_the_table_until_both_are_gone() -> None:
-    clock = Clock()
+def test_two_proxies_on_one_address_leave_it_in_the_table_until_both_are_gone(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock)
     beat(reg, "a", address="127.0.0.1:9081")
     clock.now += 20
@@ -111,8 +96,8 @@ def test_two_proxies_on_one_address_leave_it_in_the_table_until_both_are_gone() 
     assert reg.endpoints() == (2, {})
 
 
-def test_reports_record_acks_and_nacks_and_count_as_contact() -> None:
-    clock = Clock()
+def test_reports_record_acks_and_nacks_and_count_as_contact(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock)
     with pytest.raises(KeyError):
         reg.report("nobody", 1, DIGEST_A, None)
@@ -145,8 +130,8 @@ def test_reports_record_acks_and_nacks_and_count_as_contact() -> None:
     }  # fmt: skip
 
 
-def test_a_heartbeat_tells_what_the_proxy_runs_but_never_lowers_it() -> None:
-    reg = registry(Clock())
+def test_a_heartbeat_tells_what_the_proxy_runs_but_never_lowers_it(h: Any) -> None:
+    reg = registry(h.Clock(1000.0))
     beat(reg, "r1", release_version=7, bundle=DIGEST_A)  # e.g. after a control-plane restart
     entry = reg.get("r1")
     assert entry is not None and (entry.release_version, entry.bundle) == (7, DIGEST_A)
@@ -173,9 +158,10 @@ def test_a_heartbeat_tells_what_the_proxy_runs_but_never_lowers_it() -> None:
     ],
 )
 def test_malformed_heartbeats_are_refused_and_change_nothing(
-    proxy_id: str, service: str, version: str, address: str, bundle: str | None, message: str
+    proxy_id: str, service: str, version: str, address: str, bundle: str | None, message: str,
+    h: Any,
 ) -> None:
-    reg = registry(Clock())
+    reg = registry(h.Clock(1000.0))
     with pytest.raises(InvalidRegistration, match=re.escape(message)):
         reg.heartbeat(proxy_id, service, version, address, release_version=None, bundle=bundle)
     assert reg.entries() == [] and reg.endpoints() == (0, {})
@@ -188,8 +174,8 @@ def test_proxy_ids() -> None:
         check_proxy_id("ä")
 
 
-def test_the_registry_is_bounded_and_makes_room_only_from_stale_proxies() -> None:
-    clock = Clock()
+def test_the_registry_is_bounded_and_makes_room_only_from_stale_proxies(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock, max_proxies=2)
     beat(reg, "a", address="127.0.0.1:1")
     clock.now += 20
@@ -202,8 +188,8 @@ def test_the_registry_is_bounded_and_makes_room_only_from_stale_proxies() -> Non
     assert [e.id for e in reg.entries()] == ["b", "c"]
 
 
-def test_wait_endpoints_answers_changes_and_times_out() -> None:
-    clock = Clock()
+def test_wait_endpoints_answers_changes_and_times_out(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock)
 
     async def main() -> None:
@@ -226,8 +212,8 @@ def test_wait_endpoints_answers_changes_and_times_out() -> None:
     asyncio.run(main())
 
 
-def test_after_a_restart_clients_with_a_table_wait_for_the_warmup() -> None:
-    clock = Clock()
+def test_after_a_restart_clients_with_a_table_wait_for_the_warmup(h: Any) -> None:
+    clock = h.Clock(1000.0)
     reg = registry(clock, warmup=15)
 
     async def main() -> None:
@@ -239,20 +225,3 @@ def test_after_a_restart_clients_with_a_table_wait_for_the_warmup() -> None:
         assert await reg.wait_endpoints(57, 1) == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
 
     asyncio.run(main())
-
-
-def test_the_change_signal_serves_several_event_loops_and_threads() -> None:
-    signal = ChangeSignal()
-
-    async def wait_for_thread() -> bool:
-        thread = threading.Timer(0.05, signal.notify)  # notified from another thread
-        thread.start()
-        try:
-            return await signal.wait(30)
-        finally:
-            thread.join()
-
-    assert asyncio.run(wait_for_thread()) is True
-    assert asyncio.run(wait_for_thread()) is True  # a second loop: no "bound to a different loop"
-    assert asyncio.run(signal.wait(0.01)) is False
-    assert asyncio.run(signal.wait(0)) is False

@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from starmesh.bundle.keys import generate_keypair, load_private_key, load_public_key
 from starmesh.bundle.release import verify_release
-from starmesh.compiler.compile import compile_tree
 from starmesh.reconciler.errors import UnknownBundle
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
@@ -31,35 +29,26 @@ http_route("reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
 """
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Plane:
     """A control plane's rollout parts on a state dir, with hand-moved clocks."""
 
+    h: Any
     tmp: Path
+    keys: Any
     ledger: Ledger
     issuer: Issuer
     registry: Registry
     rollout: Rollout
-    wall: Clock  # the rollout's clock (bake, NACK holds)
-    mono: Clock  # the registry's clock (staleness)
+    wall: Any  # h.Clock: the rollout's clock (bake, NACK holds)
+    mono: Any  # h.Clock: the registry's clock (staleness)
     issued_at: list[datetime]
 
     def bundle(self, v1: int, percent: int = 0, bake: str = "0s", max_failures: int = 0) -> tuple[str, RolloutPolicy]:
         root = self.tmp / f"policy-{v1}-{percent}-{bake}-{max_failures}"
-        root.mkdir(exist_ok=True)
         text = POLICY.format(percent=percent, bake=bake, max_failures=max_failures, v1=v1, v2=100 - v1)
-        (root / "mesh.star").write_text(text)
-        result = compile_tree(root)
-        assert result.data is not None, result.findings
-        return self.ledger.put_bundle(result.data), RolloutPolicy.from_bundle(result.data)
+        data = self.h.compile_policy(root, text)
+        return self.ledger.put_bundle(data), RolloutPolicy.from_bundle(data)
 
     def release(self, v1: int, percent: int = 0, bake: str = "0s", max_failures: int = 0) -> ReleaseRecord:
         """Compile, store, issue and start a commit's release, as the reconciler does."""
@@ -100,15 +89,15 @@ class Plane:
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Plane:
-    private, _ = generate_keypair(tmp_path / "keys")
+def plane(tmp_path: Path, h: Any) -> Plane:
+    keys = h.keys(tmp_path / "keys")
     ledger = Ledger(FileStore(tmp_path / "state"))
     issued_at = [datetime(2026, 11, 26, 9, 0, tzinfo=UTC)]
-    issuer = Issuer(ledger, load_private_key(private), now=lambda: issued_at[0])
-    mono, wall = Clock(100.0), Clock(1_800_000_000.0)
+    issuer = Issuer(ledger, keys.signer(), now=lambda: issued_at[0])
+    mono, wall = h.Clock(100.0), h.Clock(1_800_000_000.0)
     registry = Registry(ttl=30, forget_after=600, clock=mono, warmup=0)
     rollout = Rollout(ledger, issuer, registry, clock=wall)
-    return Plane(tmp_path, ledger, issuer, registry, rollout, wall, mono, issued_at)
+    return Plane(h, tmp_path, keys, ledger, issuer, registry, rollout, wall, mono, issued_at)
 
 
 def shown(rollout: Rollout) -> Any:
@@ -139,9 +128,7 @@ def test_the_first_release_goes_to_everyone_and_becomes_stable(plane: Plane) -> 
 def test_canary_bake_promote_complete(plane: Plane) -> None:
     live = ["p1", "p2", "p3", "p4", "p5"]
     plane.proxies(*live)
-    stable = plane.release(100)
-    for proxy_id in live:
-        plane.ack(proxy_id, stable)
+    stable = plane.stable(100, live)
     new = plane.release(50, percent=30, bake="1m")
     canary = canaries_for(new.version, live, 2)  # ceil(30% of 5)
     others = [p for p in live if p not in canary]
@@ -187,12 +174,10 @@ def test_canary_bake_promote_complete(plane: Plane) -> None:
     assert document["failures"] == [] and document["halted"] is None
 
 
-def test_a_nack_beyond_max_failures_halts_and_rolls_everyone_back(plane: Plane, tmp_path: Path) -> None:
+def test_a_nack_beyond_max_failures_halts_and_rolls_everyone_back(plane: Plane) -> None:
     live = ["p1", "p2", "p3", "p4"]
     plane.proxies(*live)
-    stable = plane.release(100)
-    for proxy_id in live:
-        plane.ack(proxy_id, stable)
+    stable = plane.stable(100, live)
     new = plane.release(0, percent=50, max_failures=0)
     canary = shown(plane.rollout)["canary"]
     assert isinstance(canary, list) and len(canary) == 2
@@ -212,9 +197,8 @@ def test_a_nack_beyond_max_failures_halts_and_rolls_everyone_back(plane: Plane, 
     assert document["stable"] == {"version": halt.version, "bundle": stable.bundle}
     assert all(plane.rollout.release_for(p) == halt for p in [*live, None])  # everyone, at once
     # The halt release is a real signed release of the stable bundle.
-    public = load_public_key(tmp_path / "keys" / "signing.pub")
     verified = verify_release(
-        halt.envelope, [public], applied_version=new.version, applied_digest=new.bundle,
+        halt.envelope, plane.keys.trusted(), applied_version=new.version, applied_digest=new.bundle,
         now=datetime(2026, 11, 26, 10, 0, tzinfo=UTC),
     )
     assert verified.release.bundle == stable.bundle and verified.release.version == halt.version
@@ -227,9 +211,7 @@ def test_a_nack_beyond_max_failures_halts_and_rolls_everyone_back(plane: Plane, 
 def test_failures_up_to_max_failures_are_tolerated(plane: Plane) -> None:
     live = ["p1", "p2", "p3", "p4"]
     plane.proxies(*live)
-    stable = plane.release(100)
-    for proxy_id in live:
-        plane.ack(proxy_id, stable)
+    stable = plane.stable(100, live)
     new = plane.release(0, percent=50, max_failures=1)
     canary = shown(plane.rollout)["canary"]
     assert isinstance(canary, list)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,47 +19,22 @@ import aiohttp
 import pytest
 
 from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, verify_envelope
-from starmesh.bundle.keys import generate_keypair, load_public_key
 from starmesh.bundle.release import decode_release
 from starmesh.reconciler.errors import ReconcilerError
 from starmesh.reconciler.service import ControlPlane, ControlPlaneConfig
 
-DEADLINE = 30.0
-
-POLICY = """\
-mesh(name = "shop", mtls = "disable")
-service(name = "api", versions = ["v1", "v2"])
-http_route("api", rules = [rule(backends = {{"{to}": 100}})])
-request_test(name = "default route", service = "api", backends = "{to}")
-"""
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
-def commit(repo: Path, text: str) -> str:
-    (repo / "mesh.star").write_text(text)
-    git(repo, "add", "mesh.star")
-    git(repo, "commit", "-q", "-m", "policy")
-    return git(repo, "rev-parse", "HEAD")
+DEADLINE = 30.0  # seconds an HTTP request may take: a bound, never an assertion about speed
+BROKEN = 'mesh(name = "shop"\n'  # a syntax error: the commit is rejected
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Path, Path]:
-    repo = tmp_path / "policy"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.name", "starmesh tests")
-    git(repo, "config", "user.email", "tests@starmesh.invalid")
-    git(repo, "config", "commit.gpgsign", "false")
-    key, _ = generate_keypair(tmp_path / "keys")
-    return repo, key
+def setup(tmp_path: Path, h: Any) -> tuple[Path, Any]:
+    """A policy repository with nothing committed yet, and a signing key pair."""
+    return h.make_repo(tmp_path / "policy"), h.keys(tmp_path / "keys")
 
 
-def config(tmp_path: Path, repo: str, key: Path, **kw: Any) -> ControlPlaneConfig:
-    return ControlPlaneConfig(repo=repo, key=key, state_dir=tmp_path / "state", listen="127.0.0.1:0", **kw)
+def config(tmp_path: Path, repo: str, keys: Any, **kw: Any) -> ControlPlaneConfig:
+    return ControlPlaneConfig(repo=repo, key=keys.private, state_dir=tmp_path / "state", listen="127.0.0.1:0", **kw)
 
 
 class Running:
@@ -82,6 +56,10 @@ class Running:
             body: dict[str, Any] = await response.json()
             return body
 
+    async def releases(self, commit: str) -> bool:
+        """Whether the current release is of `commit` (for `h.until`)."""
+        return bool((await self.status())["release"]["commit"] == commit)
+
 
 @asynccontextmanager
 async def running(cfg: ControlPlaneConfig) -> AsyncIterator[Running]:
@@ -95,32 +73,13 @@ async def running(cfg: ControlPlaneConfig) -> AsyncIterator[Running]:
         await plane.stop()
 
 
-async def until(test: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE
-    while True:
-        outcome = test()
-        if asyncio.iscoroutine(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
-
-
-def test_it_listens_releases_the_tip_and_follows_commits(tmp_path: Path, setup: tuple[Path, Path]) -> None:
-    repo, key = setup
-    first = commit(repo, POLICY.format(to="v1"))
-    public = load_public_key(key.with_name("signing.pub"))
+def test_it_listens_releases_the_tip_and_follows_commits(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    first = h.commit(repo, {"mesh.star": h.policy("v1")})
 
     async def main() -> None:
-        async with running(config(tmp_path, str(repo), key, poll_interval=3600)) as cp:
-            await until(lambda: len(cp.lines()) >= 2, "the ready line")
+        async with running(config(tmp_path, str(repo), keys, poll_interval=3600)) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the ready line")
             listening, ready = cp.lines()[:2]
             assert listening == f"listening {cp.plane.address}" and str(cp.plane.address).startswith("127.0.0.1:")
             assert ready.startswith("ready release 1 sha256:")
@@ -131,30 +90,26 @@ def test_it_listens_releases_the_tip_and_follows_commits(tmp_path: Path, setup: 
             assert status["reconciler"]["phase"] == "idle"
             code, envelope, headers = await cp.get("/v1/release?after=0&wait=1")
             assert code == 200 and headers["x-starmesh-release-version"] == "1"
-            release = decode_release(verify_envelope(envelope, [public], payload_type=RELEASE_PAYLOAD_TYPE))
+            release = decode_release(verify_envelope(envelope, keys.trusted(), payload_type=RELEASE_PAYLOAD_TYPE))
             assert (release.version, release.commit) == (1, first)
             bundle_code, data, _ = await cp.get(f"/v1/bundles/{release.bundle}")
             assert bundle_code == 200 and first.encode() in data
 
-            second = await asyncio.to_thread(commit, repo, POLICY.format(to="v2"))  # watchdog, not the poll
-
-            async def released() -> bool:
-                return bool((await cp.status())["release"]["commit"] == second)
-
-            await until(released, "the release of the second commit")
+            second = await asyncio.to_thread(h.commit, repo, {"mesh.star": h.policy("v2")})  # watchdog, not the poll
+            await h.until(lambda: cp.releases(second), "the release of the second commit")
             assert (await cp.status())["release"]["version"] == 2
             assert len(cp.lines()) == 2, "ready is said once"
 
-    run(main)
+    h.run(main)
 
 
-def test_not_ready_until_a_commit_compiles(tmp_path: Path, setup: tuple[Path, Path]) -> None:
-    repo, key = setup
-    bad = commit(repo, 'mesh(name = "shop"\n')
+def test_not_ready_until_a_commit_compiles(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    bad = h.commit(repo, {"mesh.star": BROKEN})
 
     async def main() -> None:
-        async with running(config(tmp_path, str(repo), key, poll_interval=3600)) as cp:
-            await until(lambda: len(cp.lines()) >= 2, "the status line")
+        async with running(config(tmp_path, str(repo), keys, poll_interval=3600)) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the status line")
             assert cp.lines()[1].startswith(f"not ready: no release yet: commit {bad[:12]} was rejected")
             code, body, _ = await cp.get("/readyz")
             assert code == 503 and b"rejected" in body
@@ -163,69 +118,63 @@ def test_not_ready_until_a_commit_compiles(tmp_path: Path, setup: tuple[Path, Pa
             diagnostics = status["last_compile"]["diagnostics"]
             assert status["last_compile"]["ok"] is False and diagnostics
             assert diagnostics[0]["file"] == "mesh.star" and diagnostics[0]["line"] >= 1
-            await asyncio.to_thread(commit, repo, POLICY.format(to="v1"))
-            await until(lambda: len(cp.lines()) >= 3, "the ready line")
+            await asyncio.to_thread(h.commit, repo, {"mesh.star": h.policy("v1")})
+            await h.until(lambda: len(cp.lines()) >= 3, "the ready line")
             assert cp.lines()[2].startswith("ready release 1 sha256:")
             assert (await cp.get("/readyz"))[0] == 200
 
-    run(main)
+    h.run(main)
 
 
-def test_a_restart_is_ready_from_the_store_and_keeps_counting(tmp_path: Path, setup: tuple[Path, Path]) -> None:
-    repo, key = setup
-    commit(repo, POLICY.format(to="v1"))
+def test_a_restart_is_ready_from_the_store_and_keeps_counting(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    h.commit(repo, {"mesh.star": h.policy("v1")})
 
     async def main() -> None:
-        async with running(config(tmp_path, str(repo), key, poll_interval=3600)) as cp:
-            await until(lambda: len(cp.lines()) >= 2, "the first ready line")
-        third = await asyncio.to_thread(commit, repo, 'mesh(name = "shop"\n')  # rejected after the restart
-        async with running(config(tmp_path, str(repo), key, poll_interval=3600)) as cp:
-            await until(lambda: len(cp.lines()) >= 2, "the ready line after the restart")
+        async with running(config(tmp_path, str(repo), keys, poll_interval=3600)) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the first ready line")
+        third = await asyncio.to_thread(h.commit, repo, {"mesh.star": BROKEN})  # rejected after the restart
+        async with running(config(tmp_path, str(repo), keys, poll_interval=3600)) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the ready line after the restart")
             assert cp.lines()[1].startswith("ready release 1 sha256:"), "the stored release serves"
             status = await cp.status()
             assert status["last_compile"]["commit"] == third and status["last_compile"]["ok"] is False
-            fourth = await asyncio.to_thread(commit, repo, POLICY.format(to="v2"))
-
-            async def released() -> bool:
-                return bool((await cp.status())["release"]["commit"] == fourth)
-
-            await until(released, "the release after the restart")
+            fourth = await asyncio.to_thread(h.commit, repo, {"mesh.star": h.policy("v2")})
+            await h.until(lambda: cp.releases(fourth), "the release after the restart")
             assert (await cp.status())["release"]["version"] == 2
 
-    run(main)
+    h.run(main)
 
 
-def test_a_url_is_mirrored_and_polled(tmp_path: Path, setup: tuple[Path, Path]) -> None:
-    repo, key = setup
-    commit(repo, POLICY.format(to="v1"))
+def test_a_url_is_mirrored_and_polled(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    h.commit(repo, {"mesh.star": h.policy("v1")})
 
     async def main() -> None:
-        async with running(config(tmp_path, repo.as_uri(), key, poll_interval=0.1)) as cp:
-            await until(lambda: len(cp.lines()) >= 2, "the ready line")
+        async with running(config(tmp_path, repo.as_uri(), keys, poll_interval=0.1)) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the ready line")
             assert cp.lines()[1].startswith("ready release 1 ")
             assert (tmp_path / "state" / "mirror.git" / "HEAD").is_file()
-            second = await asyncio.to_thread(commit, repo, POLICY.format(to="v2"))
+            second = await asyncio.to_thread(h.commit, repo, {"mesh.star": h.policy("v2")})
+            await h.until(lambda: cp.releases(second), "the release of the fetched commit")
 
-            async def released() -> bool:
-                return bool((await cp.status())["release"]["commit"] == second)
-
-            await until(released, "the release of the fetched commit")
-
-    run(main)
+    h.run(main)
 
 
-def test_a_busy_listen_address_is_an_error(tmp_path: Path, setup: tuple[Path, Path]) -> None:
-    repo, key = setup
-    commit(repo, POLICY.format(to="v1"))
+def test_a_busy_listen_address_is_an_error(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    h.commit(repo, {"mesh.star": h.policy("v1")})
 
     async def main() -> None:
-        async with running(config(tmp_path, str(repo), key, poll_interval=3600)) as cp:
+        async with running(config(tmp_path, str(repo), keys, poll_interval=3600)) as cp:
             taken = ControlPlane(
-                ControlPlaneConfig(repo=str(repo), key=key, state_dir=tmp_path / "other", listen=cp.plane.address or ""),
+                ControlPlaneConfig(
+                    repo=str(repo), key=keys.private, state_dir=tmp_path / "other", listen=cp.plane.address or ""
+                ),
                 out=io.StringIO(),
             )
             with pytest.raises(ReconcilerError, match="cannot listen"):
                 await taken.start()
             await taken.stop()
 
-    run(main)
+    h.run(main)
