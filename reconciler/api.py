@@ -213,7 +213,7 @@ def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Appl
         current, compiled = ledger.current(), deps.last_compile()
         release = None if current is None else current.to_json()
         document: dict[str, object] = {
-            "release": None if release is None else {k: release[k] for k in ("version", "bundle", "commit", "reason")},
+            "release": None if release is None else {k: release[k] for k in ("version", "bundle", "previous", "commit", "reason")},
             "last_compile": None if compiled is None else compiled.to_json(),
             "proxies": [registry.record(e, rollout.state_of(e)).to_json() for e in registry.entries()],
             "rollout": rollout.to_json(),
