@@ -179,7 +179,7 @@ def test_status_reports_ack_and_nack(plane: Plane) -> None:
 
         status, document = await get(session, url + "/v1/status")
         assert status == 200
-        assert document["release"] == {"version": 1, "bundle": first.bundle, "commit": "c100", "reason": "commit"}
+        assert document["release"] == {"version": 1, "bundle": first.bundle, "previous": None, "commit": "c100", "reason": "commit"}
         assert document["last_compile"]["commit"] == "c1" and document["last_compile"]["ok"] is True
         assert document["control_plane"] == {"id": "cp-1"}
         proxies = {p["id"]: p for p in document["proxies"]}
