@@ -79,7 +79,10 @@ class ControlPlane:
         self.out = out
         self.ledger = Ledger(FileStore(config.state_dir / "store"))
         self.issuer = Issuer(self.ledger, key if key is not None else load_private_key(config.key), ttl=config.release_ttl)
-        self.registry = Registry(ttl=config.proxy_ttl)
+        # The endpoint warm-up protects proxies from a restarted control plane's half-filled
+        # table; a first start (nothing released yet) has no earlier proxies to protect.
+        fresh = self.ledger.current() is None
+        self.registry = Registry(ttl=config.proxy_ttl, warmup=0.0 if fresh else None)
         self.rollout = Rollout(self.ledger, self.issuer, self.registry)
         self.source = RepoSource(config.repo, config.branch, config.state_dir)
         self.reconciler = Reconciler(
