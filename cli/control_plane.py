@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 import click
 
 from starmesh.cli.compile import ENTRY_HELP, InputError
+from starmesh.cli.options import make_state_dir
 
 __all__ = ["control_plane_command", "parse_ttl"]
 
@@ -187,10 +188,7 @@ def control_plane_command(
     _relative("--entry", entry)
     _check_repo(repo)
     _check_key(key)
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--state-dir {state_dir}: cannot create it: {exc.strerror or exc}") from exc
+    make_state_dir(state_dir)
     if not os.access(state_dir, os.W_OK | os.X_OK):
         raise InputError(f"--state-dir {state_dir}: not writable (give a directory this user can write)")
 

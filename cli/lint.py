@@ -8,6 +8,7 @@ import click
 
 from starmesh.cli.compile import ENTRY_HELP, load_policy, policy_files
 from starmesh.cli.console import Consoles
+from starmesh.cli.options import format_option
 from starmesh.cli.render import render_concise, render_full, render_github, render_json, render_summary
 
 __all__ = ["lint_command"]
@@ -15,13 +16,8 @@ __all__ = ["lint_command"]
 
 @click.command("lint")
 @click.argument("path", default=".", metavar="[PATH]", type=click.Path(path_type=Path))
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["text", "json", "github"]),
-    default="text",
-    show_default=True,
-    help="text for people, json for tools, github for GitHub Actions annotations.",
+@format_option(
+    "text for people, json for tools, github for GitHub Actions annotations.", choices=("text", "json", "github")
 )
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
 @click.option("--entry", default="mesh.star", show_default=True, metavar="FILE", help=ENTRY_HELP)

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
 
 from starmesh.cli.compile import InputError
-
-if TYPE_CHECKING:
-    from starmesh.bundle.keys import PublicKey
+from starmesh.cli.options import load_public_keys, make_state_dir
 
 __all__ = ["proxy_command"]
 
@@ -61,19 +58,6 @@ def _control_plane_url(value: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InputError(f"{where}: give only scheme, host and port (the API paths are fixed: /v1/...)")
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def _trusted_keys(files: tuple[Path, ...]) -> tuple[PublicKey, ...]:
-    from starmesh.bundle.errors import BundleError
-    from starmesh.bundle.keys import load_public_key
-
-    keys = []
-    for path in files:
-        try:
-            keys.append(load_public_key(path))
-        except BundleError as exc:
-            raise InputError(f"--trust: {exc}") from None
-    return tuple(keys)
 
 
 @click.command("proxy")
@@ -216,11 +200,8 @@ def proxy_command(
         if count > _MAX_REPEATS:
             raise InputError(f"{option} is given {count} times; at most {_MAX_REPEATS}")
     urls = tuple(dict.fromkeys(_control_plane_url(url) for url in control_plane))
-    trusted = _trusted_keys(trust)
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--state-dir {state_dir}: cannot create it: {exc.strerror or exc}") from exc
+    trusted = load_public_keys(trust, where="--trust:")
+    make_state_dir(state_dir)
 
     from starmesh.runtime.http.limits import HttpLimits
     from starmesh.runtime.proxy import ProxyConfig, run_proxy

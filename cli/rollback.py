@@ -25,6 +25,7 @@ import msgspec
 from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import call_control_plane, printable
+from starmesh.cli.options import ca_cert_option, control_plane_option
 from starmesh.cli.status import short
 
 __all__ = ["rollback_command"]
@@ -53,14 +54,9 @@ def _new_release(body: bytes) -> _NewRelease | None:
 
 
 @click.command("rollback")
-@click.option("--control-plane", "url", required=True, metavar="URL", help="The control plane's base URL.")
+@control_plane_option
 @click.option("--to", "digest", required=True, metavar="sha256:<hex>", help="The digest of the bundle to serve again.")
-@click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="For an https:// control plane: the mesh root certificate to trust.",
-)
+@ca_cert_option
 @click.pass_context
 def rollback_command(ctx: click.Context, url: str, digest: str, ca_cert: Path | None) -> None:
     """Serve an earlier bundle again, as a new, higher release version.

@@ -28,6 +28,7 @@ from rich.text import Text
 from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import Answer, call_control_plane, printable
+from starmesh.cli.options import ca_cert_option, control_plane_option, format_option
 
 __all__ = ["StatusDocument", "parse_status", "render_status", "short", "status_command"]
 
@@ -243,21 +244,9 @@ def render_status(console: Console, doc: StatusDocument, *, url: str, now: datet
 
 
 @click.command("status")
-@click.option("--control-plane", "url", required=True, metavar="URL", help="The control plane's base URL.")
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="text for people, json (the answer as received, pretty-printed) for tools.",
-)
-@click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="For an https:// control plane: the mesh root certificate to trust.",
-)
+@control_plane_option
+@format_option("text for people, json (the answer as received, pretty-printed) for tools.")
+@ca_cert_option
 @click.pass_context
 def status_command(ctx: click.Context, url: str, output_format: str, ca_cert: Path | None) -> None:
     """Show the control plane's release, last compile, rollout and every proxy's state.

@@ -36,6 +36,7 @@ import click
 
 from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
+from starmesh.cli.options import format_option, load_public_keys
 
 if TYPE_CHECKING:
     from starmesh.bundle.keys import PublicKey
@@ -74,19 +75,6 @@ def _read(path: Path, what: str, *, limit: int) -> bytes:
         raise InputError(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
         raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-
-
-def _load_keys(paths: tuple[Path, ...]) -> list[PublicKey]:
-    from starmesh.bundle.errors import BundleError
-    from starmesh.bundle.keys import load_public_key
-
-    keys = []
-    for path in paths:
-        try:
-            keys.append(load_public_key(path))
-        except BundleError as exc:
-            raise InputError(f"--key {exc}") from exc
-    return keys
 
 
 def _file_digest(path: Path) -> str:
@@ -238,14 +226,7 @@ def _render_text(consoles: Consoles, outcome: Verification, bundle: Path | None)
     metavar="FILE",
     help="Also check that this bundle file hashes to the digest the release names.",
 )
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="text for people, json for tools (printed on stdout whatever the outcome).",
-)
+@format_option("text for people, json for tools (printed on stdout whatever the outcome).")
 @click.pass_context
 def verify_command(
     ctx: click.Context, envelope: Path, key_files: tuple[Path, ...], bundle: Path | None, output_format: str
@@ -269,7 +250,7 @@ def verify_command(
 
     consoles = ctx.find_object(Consoles) or Consoles.for_process()
     data = _read(envelope, "envelope", limit=MAX_ENVELOPE_BYTES)
-    keys = _load_keys(key_files)
+    keys = list(load_public_keys(key_files, where="--key"))
     if bundle is not None and not bundle.is_file():
         raise InputError(f"--bundle {bundle}: no such file")
     outcome = verify_envelope_file(data, keys, bundle=bundle, now=datetime.now(UTC))

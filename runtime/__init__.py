@@ -3,9 +3,10 @@
 The names below are the public surface; docs/proxy.md draws the modules. Submodules:
 `message` (Request, Response, Handler), `table` (RouteTable), `apply` (Applier: the one
 apply path), `lkg` (last-known-good on disk), `endpoints` (the endpoint table),
-`admin` (the admin listener), `proxy` (the process), `control` (the control-plane
-client: release and endpoint long-polls, heartbeats, ACK/NACK), `identity` (the proxy id
-kept in the state dir), `errors` (the exception tree).
+`admin` (the admin listener), `startup` (what a proxy starts from), `proxy` (the
+process), `control` (the control-plane client: release and endpoint long-polls,
+heartbeats, ACK/NACK), `identity` (the proxy id kept in the state dir), `errors` (the
+exception tree).
 """
 
 # Names resolve on first use (PEP 562): importing one submodule (the CLI's argument

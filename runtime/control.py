@@ -17,12 +17,13 @@ One `ControlPlaneClient` per proxy, one aiohttp session (`control_http.Channel`)
                                                            then wait 1 s doubling to 60 s (same
                                                            version) before polling again
     endpoints  GET /v1/endpoints?after=N&wait=30 ─► parse_endpoints ─► Applier.update_endpoints
+               (control_endpoints.py)
     heartbeat  POST /v1/proxies/ID; reports go to POST /v1/proxies/ID/status (control_report.py)
 
-Every request has a byte cap and a deadline (`control_http.fetch`). Any failure moves to
-the next `--control-plane` URL and waits a jittered exponential backoff (0.2 s doubling
-to 10 s); a long-poll answered at once with nothing to do backs off too, so a broken
-control plane cannot spin the proxy. The data plane never waits on any of this: the
+Every request has a byte cap and a deadline (`control_http.Channel.request`). Any failure
+moves to the next `--control-plane` URL and waits a jittered exponential backoff (0.2 s
+doubling to 10 s); a long-poll answered at once with nothing to do backs off too, so a
+broken control plane cannot spin the proxy. The data plane never waits on any of this: the
 live table stays until a verified, validated replacement is swapped in.
 
 `after` is the live release, while the check is against the high-water mark H (the
@@ -40,24 +41,17 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import msgspec
-
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.release import Release, verify_release
 from starmesh.runtime.apply import Applier, ApplyResult
 from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlLimits, ControlPlaneSettings, snippet
+from starmesh.runtime.control_endpoints import EndpointsFollower
 from starmesh.runtime.control_report import Reporter
-from starmesh.runtime.endpoints import parse_endpoints
-from starmesh.runtime.errors import ConfigRejected, ControlPlaneError, ResponseTooLarge
+from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge
 
 __all__ = ["ControlLimits", "ControlPlaneClient", "ControlPlaneSettings"]
 
 log = logging.getLogger("starmesh.proxy")
-
-
-class _EndpointsAnswer(msgspec.Struct, frozen=True):
-    version: int
-    endpoints: msgspec.Raw
 
 
 def _utc_now() -> datetime:
@@ -99,8 +93,10 @@ class ControlPlaneClient:
         self._rng = rng or random.Random()
         self._now = now
         self.reporter = Reporter(self.channel, applied=lambda: applier.applied, address=address, rng=self._rng)
+        self.endpoints = EndpointsFollower(self.channel, applier, rng=self._rng)
         self._tasks: list[asyncio.Task[None]] = []
-        self._nacked: tuple[int | None, int] = (None, 0)  # (version, how many NACKs in a row)
+        self._nack_backoff = Backoff(self.limits.nack_backoff_base, self.limits.nack_backoff_cap, self._rng)
+        self._nacked: int | None = None  # the version the NACKs in a row (counted by `_nack_backoff`) are of
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -109,7 +105,7 @@ class ControlPlaneClient:
         log.info("control plane: %s as proxy %s", ", ".join(self.settings.urls), self.settings.proxy_id)
         self.channel.open()
         for name, loop in (("heartbeats", self.reporter.run), ("releases", self._release_loop),
-                           ("endpoints", self._endpoints_loop)):
+                           ("endpoints", self.endpoints.run)):
             task = asyncio.get_running_loop().create_task(_supervised(name, loop), name=f"control plane {name}")
             self._tasks.append(task)
 
@@ -227,7 +223,8 @@ class ControlPlaneClient:
         if not result.ok:
             await self._nack(release.version, release.bundle, f"release {release.version}: {result.error}")
             return True
-        self._nacked = (None, 0)
+        self._nacked = None
+        self._nack_backoff.reset()
         self._on_applied(result)
         await self.reporter.report(release.version, release.bundle, None)
         return True
@@ -248,63 +245,9 @@ class ControlPlaneClient:
         await self._nack(version, bundle, reason)
 
     async def _nack(self, version: int | None, bundle: str | None, reason: str) -> None:
+        """Report the NACK, then wait before polling again: 1 s doubling to 60 s while the same version is NACKed."""
         await self.reporter.report(version, bundle, reason)
-        same, count = self._nacked
-        count = count + 1 if same == version else 1
-        self._nacked = (version, count)
-        limits = self.limits
-        delay: float = min(limits.nack_backoff_cap, limits.nack_backoff_base * 2.0 ** min(count - 1, 32))
-        await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
-
-    # -- endpoints -----------------------------------------------------------------
-
-    async def _endpoints_loop(self) -> None:
-        limits = self.limits
-        backoff = Backoff(limits.backoff_base, limits.backoff_cap, self._rng)
-        loop = asyncio.get_running_loop()
-        after = 0  # after a failure, 0 again: a restarted control plane counts from scratch
-        refused: str | None = None
-        while True:
-            url = self.targets.current
-            asked = loop.time()
-            try:
-                version = await self._poll_endpoints(url, after)
-            except ControlPlaneError as exc:
-                self.targets.failed(url, str(exc))
-                after = 0
-                await self._pause(backoff)
-                continue
-            except ConfigRejected as exc:  # it answered, with a table that cannot be used
-                if str(exc) != refused:
-                    log.error("endpoint table refused, keeping the current one: %s", exc)
-                    refused = str(exc)
-                await self._pause(backoff)
-                continue
-            refused = None
-            if version is None and loop.time() - asked < limits.quick_answer_seconds:
-                await self._pause(backoff)
-                continue
-            backoff.reset()
-            if version is not None:
-                after = version
-
-    async def _poll_endpoints(self, url: str, after: int) -> int | None:
-        """One long-poll; the new table's version once applied, None when nothing was newer."""
-        limits = self.limits
-        params = {"after": str(after), "wait": f"{limits.wait_seconds:g}"}
-        answer = await self.channel.request("GET", url + "/v1/endpoints", params=params, cap=limits.endpoints_bytes,
-                                     deadline=limits.wait_seconds + limits.poll_slack_seconds, what="endpoints")
-        if answer.status == 204:
-            self.targets.succeeded(url)
-            return None
-        if answer.status != 200:
-            raise ControlPlaneError(f"endpoints from {url}: HTTP {answer.status}: {snippet(answer.body)}")
-        where = f"endpoints from {url}"
-        try:
-            decoded = msgspec.json.decode(answer.body, type=_EndpointsAnswer)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ConfigRejected(f'{where}: expected {{"version": N, "endpoints": {{...}}}}: {exc}') from exc
-        table = parse_endpoints(bytes(decoded.endpoints), where)
-        self.targets.succeeded(url)
-        await self.applier.update_endpoints(table, version=decoded.version)
-        return decoded.version
+        if version != self._nacked:
+            self._nacked = version
+            self._nack_backoff.reset()
+        await asyncio.sleep(self._nack_backoff.next())

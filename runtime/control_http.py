@@ -1,9 +1,10 @@
 """Talking to the control plane over HTTP: bounded requests, backoff, failover.
 
     Channel(settings)   one aiohttp session, the URLs (`Targets`) and the limits, shared by
-                        the client's loops (control.py) and its reporter (control_report.py)
+                        the client's loops (control.py, control_endpoints.py) and its
+                        reporter (control_report.py)
 
-    fetch(session, "GET", url, cap=64 KiB, deadline=45 s, what="release")  ─► Answer(status, headers, body)
+    channel.request("GET", url, cap=64 KiB, deadline=45 s, what="release")  ─► Answer(status, headers, body)
          │ a Content-Length over the cap: refused before reading
          │ a body streamed past the cap (no Content-Length, endless): cut at the cap
          │ anything slower than the deadline (connect, head, body): cut at the deadline
@@ -42,7 +43,6 @@ __all__ = [
     "ControlLimits",
     "ControlPlaneSettings",
     "Targets",
-    "fetch",
     "new_session",
     "snippet",
 ]
@@ -115,37 +115,6 @@ def new_session(*, connections: int = 8) -> aiohttp.ClientSession:
         headers={"Accept-Encoding": "identity", "User-Agent": "starmesh-proxy"},
         trust_env=False,
     )
-
-
-async def fetch(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    *,
-    cap: int,
-    deadline: float,
-    what: str,
-    params: Mapping[str, str] | None = None,
-    json_body: Any = None,
-) -> Answer:
-    """One request with a byte cap on the body and a deadline on the whole exchange.
-
-    Raises ResponseTooLarge past the cap, ControlPlaneError for everything else that
-    goes wrong (refused, reset, timed out, not HTTP); any status is returned."""
-    try:
-        async with asyncio.timeout(deadline):
-            async with session.request(
-                method, url, params=params, json=json_body, allow_redirects=False
-            ) as response:
-                body = await _read_capped(response, cap, what)
-                headers = {name.lower(): value for name, value in response.headers.items()}
-                return Answer(str(response.url), response.status, headers, body)
-    except TimeoutError:
-        raise ControlPlaneError(f"{what} ({method} {url}): no complete answer within {deadline:g} s") from None
-    except aiohttp.ClientError as exc:
-        raise ControlPlaneError(f"{what} ({method} {url}): {type(exc).__name__}: {exc}") from exc
-    except ResponseTooLarge as exc:
-        raise ResponseTooLarge(f"{what} ({method} {url}): {exc}") from None
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
@@ -264,8 +233,24 @@ class Channel:
         params: Mapping[str, str] | None = None,
         body: Any = None,
     ) -> Answer:
-        """`fetch` on the shared session."""
+        """One request with a byte cap on the body and a deadline on the whole exchange.
+
+        Raises ResponseTooLarge past the cap, ControlPlaneError for everything else that
+        goes wrong (refused, reset, timed out, not HTTP, the channel not open); any status
+        is returned."""
         if self._session is None:
             raise ControlPlaneError(f"{what} ({method} {url}): the client is not running")
-        return await fetch(self._session, method, url, cap=cap, deadline=deadline, what=what,
-                           params=params, json_body=body)
+        try:
+            async with asyncio.timeout(deadline):
+                async with self._session.request(
+                    method, url, params=params, json=body, allow_redirects=False
+                ) as response:
+                    content = await _read_capped(response, cap, what)
+                    headers = {name.lower(): value for name, value in response.headers.items()}
+                    return Answer(str(response.url), response.status, headers, content)
+        except TimeoutError:
+            raise ControlPlaneError(f"{what} ({method} {url}): no complete answer within {deadline:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise ControlPlaneError(f"{what} ({method} {url}): {type(exc).__name__}: {exc}") from exc
+        except ResponseTooLarge as exc:
+            raise ResponseTooLarge(f"{what} ({method} {url}): {exc}") from None

@@ -5,9 +5,8 @@ temp file, fsync, rename)" and "the last endpoint table is persisted with
 last-known-good". Layout in `--state-dir`:
 
     STATE_DIR/
-      last-known-good.a.json      one generation each: {"generation", "digest", "release_version",
-      last-known-good.b.json       "applied_at", "origin", "endpoints", "endpoints_version",
-                                   "envelope" (base64 of the signed release, or null), "high_water"}
+      last-known-good.a.json      one generation each: the config, its endpoints, its signed
+      last-known-good.b.json       release and the high-water mark (lkg_generation.py)
       bundles/sha256-<hex>.json   the bundles the generations name, by digest
 
 The two files are two slots; the one with the higher `generation` is the newest. A save
@@ -22,11 +21,10 @@ Each write is `write_atomically` (temp file, fsync, rename, directory fsync), so
 at any moment leaves each slot either as it was or fully written, and the bundles both
 slots name are only deleted after step 2: at least one loadable generation survives.
 
-Loading checks each generation (JSON, bundle present and hashing to its digest, the
-endpoint table, an envelope that decodes to the release it claims) and returns the
-loadable ones newest first, with the reasons the others were skipped: a corrupt newest
-falls back to the previous. Only signatures are not checked here: that needs the
-trusted keys (`verify_stored`, used by the control-plane form before it applies one).
+Loading checks each generation (`lkg_generation.read_slot`) and returns the loadable
+ones newest first, with the reasons the others were skipped: a corrupt newest falls
+back to the previous. Only signatures are not checked on load: that needs the trusted
+keys (`verify_stored`, used by the control-plane form before it applies one).
 
 The release high-water mark (the highest release version ever applied here, and its
 bundle) rides in every generation; loading takes the highest found, even in a
@@ -36,23 +34,28 @@ restart too.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import msgspec
-
-from starmesh.bundle.canonical import digest_of, is_digest
-from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, Envelope, verify_envelope
+from starmesh.bundle.canonical import digest_of
+from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, verify_envelope
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.files import TEMP_PREFIX, write_atomically
 from starmesh.bundle.keys import PublicKey
 from starmesh.bundle.release import Release, decode_release
-from starmesh.runtime.endpoints import EndpointTable, parse_endpoints
-from starmesh.runtime.errors import EndpointsError, LastKnownGoodError
+from starmesh.runtime.errors import LastKnownGoodError
+from starmesh.runtime.lkg_generation import (
+    BUNDLES,
+    HighWater,
+    LastKnownGood,
+    Origin,
+    Slot,
+    bundle_name,
+    check_release,
+    encode_generation,
+    read_slot,
+)
 
 __all__ = [
     "GENERATION_FILES",
@@ -66,57 +69,7 @@ __all__ = [
     "verify_stored",
 ]
 
-Origin = Literal["control-plane", "last-known-good", "file"]
 GENERATION_FILES = ("last-known-good.a.json", "last-known-good.b.json")
-_BUNDLES = "bundles"
-_MAX_GENERATION_BYTES = 32 * 1024 * 1024  # an 8 MiB endpoint table and an envelope fit easily
-
-
-class _Mark(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    version: int
-    bundle: str
-
-
-class _Generation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    generation: int
-    digest: str
-    release_version: int | None
-    applied_at: str
-    origin: Origin
-    endpoints: dict[str, dict[str, list[str]]] = {}
-    endpoints_version: int = 0
-    envelope: str | None = None
-    high_water: _Mark | None = None
-
-
-class _MarkOnly(msgspec.Struct, frozen=True):
-    """What a generation file says about the high-water mark, read even when the rest is corrupt."""
-
-    high_water: _Mark | None = None
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class HighWater:
-    """The highest release version applied in this state dir, and the bundle it named."""
-
-    version: int
-    bundle: str
-
-
-@dataclass(frozen=True, slots=True)
-class LastKnownGood:
-    """A config as persisted: bundle bytes (digest verified), how it was applied, the endpoints,
-    and the signed release it came with (None for a `--bundle` file)."""
-
-    data: bytes
-    digest: str
-    release_version: int | None
-    applied_at: str
-    origin: Origin
-    endpoints: EndpointTable
-    endpoints_version: int
-    envelope: bytes | None = None
-    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +84,12 @@ class StoredState:
     high_water: HighWater | None
 
 
-def _bundle_name(digest: str) -> str:
-    return digest.replace(":", "-") + ".json"
-
-
 # -- saving --------------------------------------------------------------------------
 
 
 def save_last_known_good(state_dir: Path, lkg: LastKnownGood, *, high_water: HighWater | None = None) -> None:
     """Persist `lkg` as the newest generation (see the module docstring for the order). Raises OSError."""
-    bundles = state_dir / _BUNDLES
+    bundles = state_dir / BUNDLES
     bundles.mkdir(parents=True, exist_ok=True)
     slots = _scan(state_dir)
     decoded = [slot for slot in slots if slot.meta is not None]
@@ -158,24 +107,14 @@ def save_last_known_good(state_dir: Path, lkg: LastKnownGood, *, high_water: Hig
         marks.append(high_water)
     mark = max(marks) if marks else None
 
-    bundle_path = bundles / _bundle_name(lkg.digest)
+    bundle_path = bundles / bundle_name(lkg.digest)
     if not bundle_path.is_file() or digest_of(bundle_path.read_bytes()) != lkg.digest:
         write_atomically(bundle_path, lkg.data)
-    meta = _Generation(
-        generation=(newest.number if newest is not None else 0) + 1,
-        digest=lkg.digest,
-        release_version=lkg.release_version,
-        applied_at=lkg.applied_at,
-        origin=lkg.origin,
-        endpoints={s: {v: list(a) for v, a in versions.items()} for s, versions in lkg.endpoints.items()},
-        endpoints_version=lkg.endpoints_version,
-        envelope=None if lkg.envelope is None else base64.b64encode(lkg.envelope).decode("ascii"),
-        high_water=None if mark is None else _Mark(mark.version, mark.bundle),
-    )
-    write_atomically(state_dir / target, msgspec.json.encode(meta))
+    number = (newest.number if newest is not None else 0) + 1
+    write_atomically(state_dir / target, encode_generation(lkg, number, mark))
 
-    keep = {_bundle_name(lkg.digest)}
-    keep.update(_bundle_name(slot.meta.digest) for slot in slots if slot.name != target and slot.meta is not None)
+    keep = {bundle_name(lkg.digest)}
+    keep.update(bundle_name(slot.meta.digest) for slot in slots if slot.name != target and slot.meta is not None)
     for directory in (bundles, state_dir):
         for entry in directory.iterdir():
             stale = entry.name.startswith(TEMP_PREFIX) or (directory is bundles and entry.name not in keep)
@@ -183,65 +122,9 @@ def save_last_known_good(state_dir: Path, lkg: LastKnownGood, *, high_water: Hig
                 entry.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    """One generation file as found: decoded (`meta`), loadable (`lkg`), or why not (`problem`)."""
-
-    name: str
-    meta: _Generation | None
-    lkg: LastKnownGood | None
-    problem: str | None
-    mark: HighWater | None
-
-    @property
-    def number(self) -> int:
-        return -1 if self.meta is None else self.meta.generation
-
-    def same_config(self, lkg: LastKnownGood) -> bool:
-        return self.meta is not None and (self.meta.digest, self.meta.release_version) == (
-            lkg.digest,
-            lkg.release_version,
-        )
-
-
-def _scan(state_dir: Path) -> list[_Slot]:
+def _scan(state_dir: Path) -> list[Slot]:
     """Both slots, each checked as far as it goes; missing slots are left out."""
-    found: list[_Slot] = []
-    for name in GENERATION_FILES:
-        path = state_dir / name
-        try:
-            raw = _read_capped(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            found.append(_Slot(name, None, None, f"{path}: cannot read: {exc.strerror or exc}", None))
-            continue
-        except LastKnownGoodError as exc:
-            found.append(_Slot(name, None, None, str(exc), None))
-            continue
-        mark: HighWater | None = None
-        try:
-            only = msgspec.json.decode(raw, type=_MarkOnly)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            pass
-        else:
-            mark = None if only.high_water is None else _from_mark(only.high_water)
-        try:
-            meta = msgspec.json.decode(raw, type=_Generation)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            found.append(_Slot(name, None, None, f"{path}: corrupt: {exc}", mark))
-            continue
-        try:
-            lkg = _load_generation(state_dir, path, meta)
-        except LastKnownGoodError as exc:
-            found.append(_Slot(name, meta, None, str(exc), mark))
-            continue
-        found.append(_Slot(name, meta, lkg, None, mark))
-    return found
-
-
-def _from_mark(mark: _Mark) -> HighWater:
-    return HighWater(mark.version, mark.bundle)
+    return [slot for name in GENERATION_FILES if (slot := read_slot(state_dir, name)) is not None]
 
 
 # -- loading -------------------------------------------------------------------------
@@ -267,67 +150,6 @@ def load_last_known_good(state_dir: Path) -> LastKnownGood | None:
     return None
 
 
-def _read_capped(path: Path) -> bytes:
-    with open(path, "rb") as file:
-        raw = file.read(_MAX_GENERATION_BYTES + 1)
-    if len(raw) > _MAX_GENERATION_BYTES:
-        raise LastKnownGoodError(f"{path}: corrupt: over {_MAX_GENERATION_BYTES} bytes")
-    return raw
-
-
-def _load_generation(state_dir: Path, path: Path, meta: _Generation) -> LastKnownGood:
-    if not is_digest(meta.digest):
-        raise LastKnownGoodError(f"{path}: corrupt: digest {meta.digest!r} is not sha256:<hex>")
-    bundle_path = state_dir / _BUNDLES / _bundle_name(meta.digest)
-    try:
-        data = bundle_path.read_bytes()
-    except OSError as exc:
-        raise LastKnownGoodError(
-            f"{bundle_path}: the bundle {meta.digest} that {path.name} names cannot be read: {exc.strerror or exc}"
-        ) from exc
-    actual = digest_of(data)
-    if actual != meta.digest:
-        raise LastKnownGoodError(f"{bundle_path}: corrupt: its bytes hash to {actual}, not {meta.digest}")
-    try:
-        endpoints = parse_endpoints(msgspec.json.encode(meta.endpoints), f"{path}: endpoints")
-    except EndpointsError as exc:
-        raise LastKnownGoodError(str(exc)) from exc
-    envelope: bytes | None = None
-    if meta.envelope is not None:
-        try:
-            envelope = base64.b64decode(meta.envelope, validate=True)
-            _check_release(_unverified_release(envelope), meta.digest, meta.release_version)
-        except (binascii.Error, ValueError, BundleError, msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise LastKnownGoodError(f"{path}: corrupt: its release envelope: {exc}") from exc
-    return LastKnownGood(
-        data=data,
-        digest=meta.digest,
-        release_version=meta.release_version,
-        applied_at=meta.applied_at,
-        origin=meta.origin,
-        endpoints=endpoints,
-        endpoints_version=meta.endpoints_version,
-        envelope=envelope,
-        generation=meta.generation,
-    )
-
-
-def _unverified_release(envelope: bytes) -> Release:
-    """The release an envelope carries, signature not checked (a well-formedness check of a file)."""
-    parsed = msgspec.json.decode(envelope, type=Envelope)
-    if parsed.payload_type != RELEASE_PAYLOAD_TYPE:
-        raise BundleError(f"payloadType is {parsed.payload_type!r}, expected {RELEASE_PAYLOAD_TYPE!r}")
-    return decode_release(base64.b64decode(parsed.payload, validate=True))
-
-
-def _check_release(release: Release, digest: str, version: int | None) -> None:
-    if (release.bundle, release.version) != (digest, version):
-        raise BundleError(
-            f"it is release {release.version} of bundle {release.bundle}, "
-            f"but the generation says release {version} of bundle {digest}"
-        )
-
-
 def verify_stored(lkg: LastKnownGood, trusted: Sequence[PublicKey]) -> Release:
     """Check a stored generation's release against the trusted keys (signature, and that it names
     this bundle and version; not expiry: a data plane outlives an absent control plane).
@@ -341,7 +163,7 @@ def verify_stored(lkg: LastKnownGood, trusted: Sequence[PublicKey]) -> Release:
         )
     try:
         release = decode_release(verify_envelope(lkg.envelope, trusted, payload_type=RELEASE_PAYLOAD_TYPE))
-        _check_release(release, lkg.digest, lkg.release_version)
+        check_release(release, lkg.digest, lkg.release_version)
     except BundleError as exc:
         raise LastKnownGoodError(f"{where}: its release does not verify: {exc}") from exc
     return release

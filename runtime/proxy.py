@@ -14,7 +14,8 @@ Start in the control-plane form (`--control-plane URL... --trust FILE...`): the 
 last-known-good generation whose signed release verifies against the trusted keys
 (signature and digest; not expiry) is applied (origin `last-known-good`), falling back
 to the previous generation; then the `ControlPlaneClient` connects and keeps the config
-in step. With neither, the proxy runs not ready and keeps trying.
+in step. With neither, the proxy runs not ready and keeps trying. (startup.py holds
+`ProxyConfig` and does the start-up apply; this module wires the parts and runs them.)
 
 What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
 
@@ -38,30 +39,30 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
-from starmesh.bundle.keys import PublicKey
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.apply import Applier, ApplyResult
 from starmesh.runtime.chain import ChainDeps
-from starmesh.runtime.control import ControlLimits, ControlPlaneClient, ControlPlaneSettings
-from starmesh.runtime.endpoints import Endpoints, EndpointTable, parse_address, parse_endpoints
-from starmesh.runtime.errors import ConfigRejected, IdentityError, ListenerError
+from starmesh.runtime.control import ControlPlaneClient
+from starmesh.runtime.endpoints import Endpoints, parse_address
+from starmesh.runtime.errors import IdentityError, ListenerError
 from starmesh.runtime.http.client import UpstreamPool
-from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.http.server import start_listener
-from starmesh.runtime.identity import load_or_create_proxy_id
-from starmesh.runtime.lkg import load_state
 from starmesh.runtime.message import Handler, Request, Response, proxy_response
-from starmesh.runtime.restore import restore_last_known_good
+from starmesh.runtime.startup import ProxyConfig, apply_files, control_plane_settings, reload_files, start_config
 from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.telemetry import MemoryRecorder
 
-__all__ = ["CONTROL_PLANE_PLAINTEXT_NOTICE", "PLAINTEXT_NOTICE", "Proxy", "ProxyConfig", "run_proxy"]
+__all__ = [
+    "CONTROL_PLANE_PLAINTEXT_NOTICE",
+    "PLAINTEXT_NOTICE",
+    "Proxy",
+    "ProxyConfig",  # startup.py's, re-exported: what `starmesh proxy` hands run_proxy
+    "run_proxy",
+]
 
 PLAINTEXT_NOTICE = "starmesh proxy: links are plaintext (local development: --bundle without certificates)"
 CONTROL_PLANE_PLAINTEXT_NOTICE = (
@@ -69,29 +70,6 @@ CONTROL_PLANE_PLAINTEXT_NOTICE = (
 )
 
 log = logging.getLogger("starmesh.proxy")
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    """What `starmesh proxy` was asked to do (addresses are `HOST:PORT`, checked by the CLI).
-
-    Exactly one form: `bundle` (local development), or `control_plane` URLs with the
-    `trusted` release signing keys (`control_limits`: caps and timings, tests shrink them)."""
-
-    service: str
-    version: str
-    app: str
-    inbound: str
-    outbound: str
-    admin: str
-    state_dir: Path
-    bundle: Path | None = None
-    endpoints: Path | None = None
-    control_plane: tuple[str, ...] = ()
-    trusted: tuple[PublicKey, ...] = ()
-    control_limits: ControlLimits = ControlLimits()
-    grace_seconds: float = 10.0
-    limits: HttpLimits = HttpLimits()
 
 
 def _not_ready_answer(why: Callable[[], str]) -> Callable[[], Awaitable[Response]]:
@@ -160,72 +138,19 @@ class Proxy:
 
     # -- config ------------------------------------------------------------------
 
-    def _read_files(self) -> tuple[bytes, EndpointTable | None]:
-        """The --bundle bytes and the parsed --endpoints table; ConfigRejected saying which file."""
-        assert self.config.bundle is not None
-        try:
-            data = self.config.bundle.read_bytes()
-        except OSError as exc:
-            raise ConfigRejected(f"cannot read bundle file {self.config.bundle}: {exc.strerror or exc}") from exc
-        if self.config.endpoints is None:
-            return data, None
-        try:
-            raw = self.config.endpoints.read_bytes()
-        except OSError as exc:
-            raise ConfigRejected(
-                f"cannot read endpoints file {self.config.endpoints}: {exc.strerror or exc}"
-            ) from exc
-        return data, parse_endpoints(raw, str(self.config.endpoints))
-
     async def apply_files(self) -> ApplyResult:
         """Read and apply --bundle (and --endpoints); a bad file changes nothing."""
-        try:
-            data, endpoints = self._read_files()
-        except ConfigRejected as exc:
-            return self.applier.reject("file", str(exc))
-        return await self.applier.apply(
-            data,
-            expected_digest=None,
-            release_version=None,
-            origin="file",
-            endpoints=endpoints if endpoints is not None else {},
-            endpoints_source=str(self.config.endpoints or "endpoints"),
-        )
+        return await apply_files(self.applier, self.config)
 
     async def start_config(self) -> None:
-        """The start-up apply. `--bundle`: the file, and when it is refused last-known-good;
-        control-plane form: last-known-good whose release verifies. Else not ready."""
-        state_dir = self.config.state_dir
-        state = await asyncio.to_thread(load_state, state_dir)
-        self.applier.high_water = state.high_water
-        if self.config.bundle is None:
-            why = await restore_last_known_good(self.applier, state, state_dir=state_dir, trusted=self.config.trusted)
-            if why is not None:
-                self._not_ready = f"no config yet: {why}"
-            return
-        result = await self.apply_files()
-        if result.ok:
-            return
-        file_error = f"bundle file {self.config.bundle} not applied: {result.error}"
-        why = await restore_last_known_good(self.applier, state, state_dir=state_dir, trusted=None)
-        if why is None:
-            log.warning("started from last-known-good (%s)", file_error)
-        else:
-            self._not_ready = f"{file_error}; {why}"
+        """The start-up apply (startup.start_config); when none is live, why is the not-ready reason."""
+        self._not_ready = await start_config(self.applier, self.config)
 
     async def reload(self) -> ApplyResult | None:
-        """SIGHUP: re-read the files and apply them; on failure the old table stays.
-
-        In the control-plane form there is nothing to re-read (None)."""
-        if self.config.bundle is None:
-            log.info("SIGHUP: nothing to re-read in the control-plane form; the control plane drives the config")
-            return None
-        result = await self.apply_files()
-        if result.ok:
+        """SIGHUP: re-read the files and apply them (startup.reload_files); on failure the old table stays."""
+        result = await reload_files(self.applier, self.config)
+        if result is not None and result.ok:
             self._not_ready = None
-            log.info("SIGHUP: %s %s", "applied" if result.changed else "unchanged", result.digest)
-        else:
-            log.error("SIGHUP: the files were not applied (the reason is above); the current config stays")
         return result
 
     # -- process -----------------------------------------------------------------
@@ -234,7 +159,7 @@ class Proxy:
         """Apply the config, bind every listener, print the addresses, connect to the control plane.
 
         ListenerError on a bind failure; IdentityError when the proxy id cannot be kept."""
-        settings = self._control_plane_settings()
+        settings = control_plane_settings(self.config)
         await self.start_config()
         outbound, inbound = self.dispatchers()
         sides: tuple[tuple[Literal["outbound", "inbound"], str, Handler], ...] = (
@@ -276,20 +201,6 @@ class Proxy:
             self._say(f"not ready: {self.not_ready_reason()}")
         if self.client is not None:
             await self.client.start()
-
-    def _control_plane_settings(self) -> ControlPlaneSettings | None:
-        config = self.config
-        if config.bundle is not None:
-            return None
-        proxy_id = load_or_create_proxy_id(config.state_dir, config.service, config.version)
-        return ControlPlaneSettings(
-            urls=config.control_plane,
-            trusted=config.trusted,
-            proxy_id=proxy_id,
-            service=config.service,
-            version=config.version,
-            limits=config.control_limits,
-        )
 
     def _applied(self, result: ApplyResult) -> None:
         self._say(f"applied release {result.version} {result.digest}")

@@ -1,14 +1,46 @@
-"""Shared helpers for the CLI tests: output snapshots under tests/cli/snapshots/."""
+"""Shared helpers for the CLI tests: output snapshots, policy repositories, control-plane processes.
+
+In importlib mode a test module can import neither another test module nor a conftest,
+so the helpers come as fixtures:
+
+    assert_snapshot(name, text)    compare with tests/cli/snapshots/NAME
+    h.make_repo(path)              a Git repo on branch main, committer set, unsigned commits
+    h.commit(repo, text, message)  mesh.star = text, committed; the new commit's sha
+    h.git(repo, *args)             git in that repo; its stdout, stripped
+    control_planes.start(args)     `starmesh control-plane ARGS` (a `ControlPlane`); with
+                                   `log=FILE` its stderr goes there and its lines are
+                                   stdout alone
+    mesh                           where they run: tests/runtime/e2e/conftest.py's `Mesh`
+                                   (that file, loaded by path, gives `Process` too), which
+                                   stops them when the test ends: each must exit 0 on SIGTERM
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
+STARMESH = Path(sys.executable).with_name("starmesh")
+DEADLINE = 30.0
+"""Seconds to wait for a condition; a bound on waiting, never an assertion about speed."""
+
+e2e = SimpleNamespace(
+    **runpy.run_path(str(Path(__file__).parents[1] / "runtime" / "e2e" / "conftest.py"), run_name="starmesh_e2e_support")
+)
 
 
 def _assert_snapshot(name: str, actual: str) -> None:
@@ -26,3 +58,112 @@ def _assert_snapshot(name: str, actual: str) -> None:
 def assert_snapshot() -> Callable[[str, str], None]:
     """The snapshot comparison (a fixture: importlib mode cannot import conftest)."""
     return _assert_snapshot
+
+
+# -- policy repositories ---------------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout.strip()
+
+
+def make_repo(path: Path) -> Path:
+    """A new repository at `path` (created), branch main, with a local committer."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.name", "starmesh tests")
+    git(path, "config", "user.email", "tests@starmesh.invalid")
+    git(path, "config", "commit.gpgsign", "false")
+    return path
+
+
+def commit(repo: Path, text: str, message: str = "policy") -> str:
+    """Write `text` as repo/mesh.star and commit it; the new commit's sha."""
+    (repo / "mesh.star").write_text(text, encoding="utf-8")
+    git(repo, "add", "mesh.star")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def h() -> SimpleNamespace:
+    """The repository helpers above, as one object (see the module docstring)."""
+    return SimpleNamespace(git=git, make_repo=make_repo, commit=commit)
+
+
+# -- control-plane processes -----------------------------------------------------------------
+
+
+@dataclass
+class ControlPlane:
+    """A running `starmesh control-plane` (`process`: what it printed) and its HTTP API at `url`."""
+
+    process: Any
+    url: str = ""
+
+    def first_lines(self, count: int) -> list[str]:
+        """Its first `count` lines, waiting for them."""
+        found = self.process.wait_for(
+            lambda lines: lines[:count] if len(lines) >= count else None, f"{count} lines", DEADLINE
+        )
+        return list(found)
+
+    def wait_listening(self) -> str:
+        """Wait for `listening HOST:PORT` and point `url` there; the address."""
+        line = self.process.first_line(lambda line: line.startswith("listening "), "'listening' line", DEADLINE)
+        address = line.removeprefix("listening ")
+        self.url = f"http://{address}"
+        return address
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=DEADLINE) as response:  # noqa: S310 - loopback
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, body: dict[str, Any]) -> int:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        request.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=DEADLINE) as response:  # noqa: S310 - loopback
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/v1/status")
+        assert code == 200, body
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def wait_status(self, test: Callable[[dict[str, Any]], object], what: str) -> dict[str, Any]:
+        end = time.monotonic() + DEADLINE
+        while True:
+            document = self.status()
+            if test(document):
+                return document
+            if time.monotonic() > end:
+                raise AssertionError(f"/v1/status never showed {what}: {document}")
+            time.sleep(0.05)
+
+
+mesh = e2e.mesh  # the fixture: a Mesh that stops (and checks) every process it started
+
+
+class ControlPlanes:
+    """Starts `starmesh control-plane` processes for one test in its `mesh`."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+
+    def start(self, args: list[str], *, log: Path | None = None) -> ControlPlane:
+        """`starmesh control-plane ARGS`, not waited for (`wait_listening` sets its `url`)."""
+        return ControlPlane(self.mesh.start("control-plane", [str(STARMESH), "control-plane", *args], stderr=log))
+
+
+@pytest.fixture
+def control_planes(mesh: Any) -> ControlPlanes:
+    return ControlPlanes(mesh)

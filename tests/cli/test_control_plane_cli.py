@@ -1,24 +1,17 @@
 """`starmesh control-plane`: its input checks (exit 2) and the real process.
 
-The process test starts `.venv/bin/starmesh control-plane` in its own session, reads
-`listening HOST:PORT` and `ready ...` from its stdout, talks HTTP to it, commits to the
-repository it follows, and stops it with SIGTERM (exit 0). The process group is killed
-in a `finally` whatever happens. Waits poll with a deadline; nothing asserts on time.
+The process test starts `.venv/bin/starmesh control-plane` in its own session (the
+`control_planes` fixture of tests/cli/conftest.py), reads `listening HOST:PORT` and
+`ready ...` from its stdout, talks HTTP to it, commits to the repository it follows, and
+stops it with SIGTERM (exit 0); the fixture stops whatever is left. Waits poll with a
+deadline; nothing asserts on time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +24,6 @@ from starmesh.cli.control_plane import parse_ttl
 from starmesh.cli.main import main
 
 DEADLINE = 30.0
-STARMESH = Path(sys.executable).with_name("starmesh")
 
 POLICY = """\
 mesh(name = "shop", mtls = "disable")
@@ -41,27 +33,9 @@ request_test(name = "default route", service = "api", backends = "{to}")
 """
 
 
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
-def commit(repo: Path, text: str) -> str:
-    (repo / "mesh.star").write_text(text)
-    git(repo, "add", "mesh.star")
-    git(repo, "commit", "-q", "-m", "policy")
-    return git(repo, "rev-parse", "HEAD")
-
-
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "policy"
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    git(path, "config", "user.name", "starmesh tests")
-    git(path, "config", "user.email", "tests@starmesh.invalid")
-    git(path, "config", "commit.gpgsign", "false")
-    return path
+def repo(tmp_path: Path, h: Any) -> Path:
+    return h.make_repo(tmp_path / "policy")
 
 
 @pytest.fixture
@@ -162,109 +136,35 @@ def test_release_ttl_durations(text: str, ttl: timedelta) -> None:
 # -- the process -----------------------------------------------------------------------------
 
 
-class ControlPlaneProcess:
-    """A running `starmesh control-plane` and the lines it printed."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        with open(log, "wb") as stderr:
-            self.process = subprocess.Popen(
-                [str(STARMESH), "control-plane", *args],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-        self.log = log
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.printed: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def next_line(self) -> str:
-        try:
-            line = self.lines.get(timeout=DEADLINE)
-        except queue.Empty:
-            raise AssertionError(f"no output; printed {self.printed}; log:\n{self.log.read_text()}") from None
-        if line is None:
-            raise AssertionError(f"exited {self.process.wait()}; printed {self.printed}; log:\n{self.log.read_text()}")
-        self.printed.append(line)
-        return line
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
-    started: list[ControlPlaneProcess] = []
-
-    def run(args: list[str]) -> ControlPlaneProcess:
-        process = ControlPlaneProcess(args, tmp_path / f"control-plane-{len(started)}.log")
-        started.append(process)
-        return process
-
-    try:
-        yield run
-    finally:
-        for process in started:
-            process.kill()
-
-
-def get(address: str, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=DEADLINE) as response:  # noqa: S310 - loopback
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def status(address: str) -> dict[str, Any]:
-    code, body = get(address, "/v1/status")
-    assert code == 200
-    result: dict[str, Any] = json.loads(body)
-    return result
-
-
 def test_the_process_serves_releases_follows_commits_and_stops_on_sigterm(
-    tmp_path: Path, repo: Path, key: Path, start: Any
+    tmp_path: Path, repo: Path, key: Path, control_planes: Any, h: Any
 ) -> None:
-    first = commit(repo, POLICY.format(to="v1"))
-    cp = start(base(repo, key, tmp_path / "state") + ["--poll-interval", "3600"])
-    listening = cp.next_line()
+    first = h.commit(repo, POLICY.format(to="v1"))
+    cp = control_planes.start(base(repo, key, tmp_path / "state") + ["--poll-interval", "3600"], log=tmp_path / "cp.log")
+    listening, ready = cp.first_lines(2)
     assert listening.startswith("listening 127.0.0.1:")
-    address = listening.removeprefix("listening ")
-    ready = cp.next_line()
+    assert cp.wait_listening() == listening.removeprefix("listening ")
     assert ready.startswith("ready release 1 sha256:"), ready
-    assert get(address, "/healthz")[0] == 200 and get(address, "/readyz")[0] == 200
-    body = status(address)
+    assert cp.get("/healthz")[0] == 200 and cp.get("/readyz")[0] == 200
+    body = cp.status()
     assert body["release"]["version"] == 1 and body["release"]["commit"] == first
-    code, envelope = get(address, "/v1/release?after=0")
+    code, envelope = cp.get("/v1/release?after=0")
     assert code == 200 and json.loads(envelope)["payloadType"] == "application/vnd.starmesh.release+json"
-    second = commit(repo, POLICY.format(to="v2"))
-    end = time.monotonic() + DEADLINE
-    while status(address)["release"]["commit"] != second:
-        assert time.monotonic() < end, f"no release of {second}; log:\n{cp.log.read_text()}"
-        time.sleep(0.05)
-    assert status(address)["release"]["version"] == 2
+    second = h.commit(repo, POLICY.format(to="v2"))
+    cp.wait_status(lambda d: d["release"]["commit"] == second, f"a release of {second}")
+    assert cp.status()["release"]["version"] == 2
     cp.process.send_signal(signal.SIGTERM)
-    assert cp.process.wait(DEADLINE) == 0
+    assert cp.process.popen.wait(DEADLINE) == 0
     assert (tmp_path / "state" / "store").is_dir()
 
 
-def test_the_process_says_not_ready_and_stops_on_sigint(tmp_path: Path, repo: Path, key: Path, start: Any) -> None:
-    commit(repo, 'mesh(name = "shop"\n')
-    cp = start(base(repo, key, tmp_path / "state"))
-    assert cp.next_line().startswith("listening ")
-    assert cp.next_line().startswith("not ready: no release yet: commit ")
+def test_the_process_says_not_ready_and_stops_on_sigint(
+    tmp_path: Path, repo: Path, key: Path, control_planes: Any, h: Any
+) -> None:
+    h.commit(repo, 'mesh(name = "shop"\n')
+    cp = control_planes.start(base(repo, key, tmp_path / "state"), log=tmp_path / "cp.log")
+    listening, status = cp.first_lines(2)
+    assert listening.startswith("listening ")
+    assert status.startswith("not ready: no release yet: commit ")
     cp.process.send_signal(signal.SIGINT)
-    assert cp.process.wait(DEADLINE) == 0
+    assert cp.process.popen.wait(DEADLINE) == 0

@@ -15,17 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import queue
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,9 +35,7 @@ from starmesh.cli.compile import InputError
 from starmesh.cli.control_client import call_control_plane
 from starmesh.cli.status import StatusDocument, render_status
 
-STARMESH = Path(sys.executable).with_name("starmesh")
 DEADLINE = 30.0  # seconds; a bound on waiting for a condition, never an assertion about speed
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 POLICY = """\
 mesh(name = "shop", mtls = "disable")
@@ -73,135 +63,26 @@ def run(runner: CliRunner, *args: str) -> Result:
     return runner.invoke(main, list(args), catch_exceptions=False)
 
 
-# -- a policy repository -------------------------------------------------------------
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=DEADLINE)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-def commit(repo: Path, text: str, message: str) -> str:
-    (repo / "mesh.star").write_text(text, encoding="utf-8")
-    git(repo, "add", "mesh.star")
-    git(repo, "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
-
-
-def make_repo(path: Path) -> tuple[Path, str]:
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    git(path, "config", "user.name", "Test")
-    git(path, "config", "user.email", "test@example.com")
-    return path, commit(path, POLICY.format(v1=100, v2=0), "all to v1")
-
-
 # -- the control plane process -------------------------------------------------------
 
 
-class ControlPlane:
-    """A running `starmesh control-plane` and the lines it printed (stdout and stderr)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.process = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own process group: the cleanup kills it whole
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.printed: list[str] = []
-        self.url = ""
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_line(self, pattern: str) -> re.Match[str]:
-        end = time.monotonic() + DEADLINE
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"the control plane never printed {pattern!r}: {self.printed}") from None
-            if line is None:
-                raise AssertionError(f"the control plane exited ({self.process.wait()}): {self.printed}")
-            self.printed.append(line)
-            found = re.match(pattern, line)
-            if found:
-                return found
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=DEADLINE) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def post(self, path: str, body: dict[str, Any]) -> int:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
-        request.add_header("content-type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=DEADLINE) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-
-    def status(self) -> dict[str, Any]:
-        code, body = self.get("/v1/status")
-        assert code == 200, body
-        document: dict[str, Any] = json.loads(body)
-        return document
-
-    def wait_status(self, test: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        end = time.monotonic() + DEADLINE
-        while True:
-            document = self.status()
-            if test(document):
-                return document
-            if time.monotonic() > end:
-                raise AssertionError(f"/v1/status never showed {what}: {document}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 @pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[tuple[ControlPlane, Path, str]]:
-    """A control plane watching a fresh repo whose first commit it has released as version 1."""
-    repo, first = make_repo(tmp_path / "repo")
+def control_plane(tmp_path: Path, control_planes: Any, h: Any) -> tuple[Any, Path, str]:
+    """A control plane (tests/cli/conftest.py's `ControlPlane`) watching a fresh repo whose
+    first commit it has released as version 1."""
+    repo = h.make_repo(tmp_path / "repo")
+    first = h.commit(repo, POLICY.format(v1=100, v2=0), "all to v1")
     private, public = generate_keypair(tmp_path / "keys")
-    argv = [
-        str(STARMESH), "control-plane", "--repo", str(repo), "--branch", "main", "--key", str(private),
+    plane = control_planes.start([
+        "--repo", str(repo), "--branch", "main", "--key", str(private),
         "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0",
-    ]  # fmt: skip
-    plane = ControlPlane(argv)
-    try:
-        address = plane.wait_line(r"^listening (\S+:\d+)$").group(1)
-        plane.url = f"http://{address}"
-        plane.wait_line(r"^ready release 1 sha256:[0-9a-f]{64}$")
-        yield plane, repo, first
-    finally:
-        plane.stop()
+    ])  # fmt: skip
+    plane.wait_listening()
+    plane.process.first_line(lambda line: re.fullmatch(r"ready release 1 sha256:[0-9a-f]{64}", line), "release 1", DEADLINE)
+    return plane, repo, first
 
 
-def register(plane: ControlPlane, proxy_id: str, version: str, release: dict[str, Any] | None, error: str | None) -> None:
+def register(plane: Any, proxy_id: str, version: str, release: dict[str, Any] | None, error: str | None) -> None:
     """Heartbeat as a proxy of `reviews`, then ACK `release` (or NACK it with `error`)."""
     heartbeat = {"service": "reviews", "version": version, "address": "127.0.0.1:9", "release_version": None, "bundle": None}
     assert plane.post(f"/v1/proxies/{proxy_id}", heartbeat) == 200
@@ -220,7 +101,7 @@ def line(lines: list[str], label: str) -> str:
     return found[0]
 
 
-def test_status_text_and_json(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+def test_status_text_and_json(runner: CliRunner, control_plane: tuple[Any, Path, str]) -> None:
     plane, repo, first = control_plane
     release = plane.status()["release"]
     register(plane, "reviews-a", "v1", release, None)
@@ -256,9 +137,11 @@ def test_status_text_and_json(runner: CliRunner, control_plane: tuple[ControlPla
     assert sorted(p["id"] for p in document["proxies"]) == ["reviews-a", "reviews-b"]
 
 
-def test_status_shows_why_a_commit_was_refused(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+def test_status_shows_why_a_commit_was_refused(
+    runner: CliRunner, control_plane: tuple[Any, Path, str], h: Any
+) -> None:
     plane, repo, first = control_plane
-    bad = commit(repo, BROKEN, "weights sum to 90")
+    bad = h.commit(repo, BROKEN, "weights sum to 90")
     plane.wait_status(lambda d: (d["last_compile"] or {}).get("commit") == bad, "the bad commit compiled")
 
     result = run(runner, "status", "--control-plane", plane.url)
@@ -274,11 +157,11 @@ def test_status_shows_why_a_commit_was_refused(runner: CliRunner, control_plane:
 
 
 def test_rollback_serves_an_older_bundle_as_a_new_version(
-    runner: CliRunner, control_plane: tuple[ControlPlane, Path, str], tmp_path: Path
+    runner: CliRunner, control_plane: tuple[Any, Path, str], tmp_path: Path, h: Any
 ) -> None:
     plane, repo, _ = control_plane
     old = plane.status()["release"]["bundle"]
-    commit(repo, POLICY.format(v1=0, v2=100), "all to v2")
+    h.commit(repo, POLICY.format(v1=0, v2=100), "all to v2")
     newer = plane.wait_status(lambda d: d["release"]["version"] == 2, "release 2")["release"]
     assert newer["bundle"] != old
 
@@ -304,7 +187,7 @@ def test_rollback_serves_an_older_bundle_as_a_new_version(
     assert verified.output.splitlines()[0] == "verified: release 3 of mesh shop"
 
 
-def test_rollback_to_an_unknown_digest_exits_1(runner: CliRunner, control_plane: tuple[ControlPlane, Path, str]) -> None:
+def test_rollback_to_an_unknown_digest_exits_1(runner: CliRunner, control_plane: tuple[Any, Path, str]) -> None:
     plane, _, _ = control_plane
     unknown = "sha256:" + hashlib.sha256(b"never compiled").hexdigest()
     result = run(runner, "rollback", "--control-plane", plane.url, "--to", unknown)

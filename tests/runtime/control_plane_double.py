@@ -2,7 +2,7 @@
 
     cp = ControlPlaneDouble()            # aiohttp on 127.0.0.1:0, its own event loop in a thread
     cp.publish(bundle)                   # signs release N+1 with cp.key; serves it and the bundle
-    cp.offer(Offer(version=3, body=b"...", always=True))   # any bytes as "the newest release"
+    cp.offer(3, b"...", always=True)     # any bytes as "the newest release" (an `Offer`)
     cp.bundle_answers[digest] = "endless" | "huge-length" | "drip" | 404 | b"other bytes"
     cp.set_endpoints({"api": {"v1": ["127.0.0.1:7001"]}})
     cp.reports, cp.heartbeats, cp.release_polls, cp.events   # what proxies sent, in order
@@ -14,14 +14,13 @@ POST /v1/proxies/<id> (heartbeat; answers heartbeat_seconds), POST /v1/proxies/<
 An offer with `always` is served whatever `after` says (a replay); `mode` "endless" streams
 without a length until the client goes away, "huge-length" declares 100 MiB.
 
-Tests load this file with importlib (tests have no packages); it is not collected.
+tests/runtime/conftest.py loads this file by path (tests have no packages) and hands the
+double out as the `planes` and `cp` fixtures; it is not collected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -139,11 +138,19 @@ class ControlPlaneDouble:
         published = Published(number, digest, signed.envelope)
         self.published.append(published)
         if serve:
-            self.offer(Offer(number, signed.envelope))
+            self.offer(number, signed.envelope)
         return published
 
-    def offer(self, offer: Offer) -> None:
-        self._offer = offer
+    def offer(
+        self,
+        version: int,
+        body: bytes = b"",
+        *,
+        mode: Literal["envelope", "endless", "huge-length"] = "envelope",
+        always: bool = False,
+    ) -> None:
+        """Answer /v1/release with `body`, announced as `version` (see `Offer`)."""
+        self._offer = Offer(version, body, mode, always)
         self._notify()
 
     def set_endpoints(self, table: dict[str, dict[str, list[str]]]) -> None:
@@ -164,6 +171,10 @@ class ControlPlaneDouble:
             time.sleep(0.01)
 
     def close(self) -> None:
+        """Stop serving (a second call does nothing)."""
+        if self.loop.is_closed():
+            return
+
         async def stop() -> None:
             if self.runner is not None:
                 await self.runner.cleanup()
@@ -283,21 +294,3 @@ class ControlPlaneDouble:
             pass
         self.streamed.append(written)
         return response
-
-# -- envelopes made wrong on purpose -----------------------------------------------------
-
-
-def flip_payload_byte(envelope: bytes) -> bytes:
-    """The envelope with one byte of its payload changed (the signature no longer covers it)."""
-    doc = json.loads(envelope)
-    payload = bytearray(base64.b64decode(doc["payload"]))
-    index = payload.index(b'"mesh":"t"') + len('"mesh":"')
-    payload[index] = ord("u")
-    doc["payload"] = base64.b64encode(bytes(payload)).decode()
-    return json.dumps(doc).encode()
-
-
-def with_payload_type(envelope: bytes, payload_type: str) -> bytes:
-    doc = json.loads(envelope)
-    doc["payloadType"] = payload_type
-    return json.dumps(doc).encode()

@@ -1,7 +1,7 @@
 """Apply under load: two bundles swapped 100 times (SIGHUP) while clients send continuously.
 
 Bundle A sends every `api` request to v1 and sets `x-table: A`; bundle B sends it to v2
-and sets `x-table: B`. Each upstream echoes the `x-table` it received, so a response
+and sets `x-table: B`. Each upstream echoes the `x-table` it received (`x-seen-table`), so a response
 shows both halves of the config that carried it: (api-v1, A) or (api-v2, B). Anything
 else (a mix, an error, a proxy-made answer) means a request saw half of two configs or
 failed during a swap.
@@ -9,25 +9,18 @@ failed during a swap.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
-import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiohttp import web
 
 from starmesh.bundle.canonical import digest_of
-from starmesh.compiler.compile import compile_tree
 
 DEADLINE = 30.0  # seconds; bounds waits, never asserted on
 SWAPS = 100
@@ -42,129 +35,31 @@ request_test(name = "api goes to {version}", service = "api", backends = "{versi
 """
 
 
-def compile_bundle(tmp_path: Path, version: str, table: str) -> bytes:
-    root = tmp_path / f"policy-{table}"
-    root.mkdir(exist_ok=True)
-    (root / "mesh.star").write_text(POLICY.format(version=version, table=table))
-    result = compile_tree(root)
-    assert result.data is not None, result.findings
-    return result.data
-
-
-def write(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + ".new")
-    temp.write_bytes(data)
-    os.replace(temp, path)
-
-
-class Upstreams:
-    """Two aiohttp apps (api-v1, api-v2) in a background loop, echoing `x-table`."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runners: list[web.AppRunner] = []
-
-    def start(self, name: str) -> str:
-        async def handle(request: web.Request) -> web.Response:
-            return web.Response(text=f"{name} {request.headers.get('x-table', '-')}")
-
-        async def serve() -> str:
-            app = web.Application()
-            app.router.add_get("/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            self.runners.append(runner)
-            host, port = runner.addresses[0][:2]
-            return f"{host}:{port}"
-
-        return asyncio.run_coroutine_threadsafe(serve(), self.loop).result(DEADLINE)
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for runner in self.runners:
-                await runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
+def compile_bundle(rt: Any, tmp_path: Path, version: str, table: str) -> bytes:
+    return rt.compile_policy(tmp_path / f"policy-{table}", POLICY.format(version=version, table=table))
 
 
 @pytest.fixture
-def upstreams() -> Iterator[Upstreams]:
-    ups = Upstreams()
-    try:
-        yield ups
-    finally:
-        ups.close()
-
-
-@pytest.fixture
-def proxy(tmp_path: Path, upstreams: Upstreams) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
+def proxy(tmp_path: Path, upstreams: Any, proxies: Any, rt: Any) -> tuple[Any, Path]:
+    """A `--bundle` proxy applying bundle A, its upstreams api-v1 and api-v2; and the bundle file."""
     v1, v2 = upstreams.start("api-v1"), upstreams.start("api-v2")
-    endpoints = tmp_path / "endpoints.json"
-    write(endpoints, json.dumps({"api": {"v1": [v1], "v2": [v2]}}).encode())
-    bundle = tmp_path / "bundle.json"
-    write(bundle, compile_bundle(tmp_path, "v1", "A"))
-    args = [
-        sys.executable, "-m", "starmesh.cli", "proxy", "--service", "web", "--version", "v1",
-        "--app", "127.0.0.1:1", "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0",
-        "--admin", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
-        "--bundle", str(bundle), "--endpoints", str(endpoints),
-    ]
-    with open(tmp_path / "proxy.log", "w") as log:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                lines.put(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
-        addresses: dict[str, str] = {}
-        while True:
-            line = lines.get(timeout=DEADLINE)
-            word, _, rest = line.partition(" ")
-            addresses[word] = rest
-            if word in ("ready", "not"):
-                assert word == "ready", line
-                break
-        yield process, addresses, bundle
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    endpoints = rt.write(tmp_path / "endpoints.json", json.dumps({"api": {"v1": [v1], "v2": [v2]}}).encode())
+    bundle = rt.write(tmp_path / "bundle.json", compile_bundle(rt, tmp_path, "v1", "A"))
+    started = proxies.start(bundle=bundle, endpoints=endpoints)
+    assert started.status.startswith("ready "), started.status
+    return started, bundle
 
 
-def applied_digest(admin: str) -> str:
-    host, _, port = admin.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
-    try:
-        conn.request("GET", "/config")
-        digest: str = json.loads(conn.getresponse().read())["bundle"]
-        return digest
-    finally:
-        conn.close()
+def applied_digest(proxy: Any) -> str:
+    digest: str = proxy.config()["bundle"]
+    return digest
 
 
-def test_swapping_two_bundles_under_load_fails_no_request(
-    tmp_path: Path, proxy: tuple[subprocess.Popen[str], dict[str, str], Path]
-) -> None:
-    process, addresses, bundle = proxy
-    bundles = [compile_bundle(tmp_path, "v1", "A"), compile_bundle(tmp_path, "v2", "B")]
+def test_swapping_two_bundles_under_load_fails_no_request(tmp_path: Path, proxy: tuple[Any, Path], rt: Any) -> None:
+    running, bundle = proxy
+    bundles = [compile_bundle(rt, tmp_path, "v1", "A"), compile_bundle(rt, tmp_path, "v2", "B")]
     digests = [digest_of(b) for b in bundles]
-    assert applied_digest(addresses["admin"]) == digests[0]
+    assert applied_digest(running) == digests[0]
 
     stop = threading.Event()
     seen: Counter[str] = Counter()
@@ -172,7 +67,7 @@ def test_swapping_two_bundles_under_load_fails_no_request(
     lock = threading.Lock()
 
     def client() -> None:
-        host, _, port = addresses["outbound"].rpartition(":")
+        host, _, port = running.outbound.rpartition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
         local: Counter[str] = Counter()
         try:
@@ -180,7 +75,7 @@ def test_swapping_two_bundles_under_load_fails_no_request(
                 try:
                     conn.request("GET", "/item", headers={"Host": "api"})
                     response = conn.getresponse()
-                    body = response.read().decode()
+                    body = f"{response.read().decode()} {response.getheader('x-seen-table') or '-'}"
                 except (OSError, http.client.HTTPException) as exc:
                     with lock:
                         failures.append(f"{type(exc).__name__}: {exc}")
@@ -201,10 +96,10 @@ def test_swapping_two_bundles_under_load_fails_no_request(
     try:
         for swap in range(1, SWAPS + 1):
             which = swap % 2
-            write(bundle, bundles[which])
-            process.send_signal(signal.SIGHUP)
+            rt.write(bundle, bundles[which])
+            running.process.send_signal(signal.SIGHUP)
             end = time.monotonic() + DEADLINE
-            while applied_digest(addresses["admin"]) != digests[which]:
+            while applied_digest(running) != digests[which]:
                 assert time.monotonic() < end, f"swap {swap} never applied"
                 time.sleep(0.002)
     finally:
@@ -215,4 +110,4 @@ def test_swapping_two_bundles_under_load_fails_no_request(
     assert not failures, f"{len(failures)} failed requests, e.g. {failures[:5]}"
     assert set(seen) <= {"api-v1 A", "api-v2 B"}, f"a response mixed two tables: {seen}"
     assert seen["api-v1 A"] > 0 and seen["api-v2 B"] > 0, seen
-    assert process.poll() is None
+    assert running.process.popen.poll() is None

@@ -2,98 +2,37 @@
 
 An in-process `Proxy` in the control-plane form (real listeners, real RouteTables, a real
 state dir) talks to `ControlPlaneDouble` (tests/runtime/control_plane_double.py: aiohttp on
-127.0.0.1:0 in its own thread), which signs real releases with a real Ed25519 key. Each
-bad input must come back as a NACK whose reason says what was wrong, show up in
-`/config`'s `last_error`, and change nothing.
+127.0.0.1:0 in its own thread; the `cp` and `planes` fixtures of tests/runtime/conftest.py),
+which signs real releases with a real Ed25519 key. Each bad input must come back as a
+NACK whose reason says what was wrong, show up in `/config`'s `last_error`, and change
+nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import base64
 import io
-import socket
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import json
+import random
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 
-from starmesh.bundle.canonical import decode_bundle, digest_of, encode_bundle
+from starmesh.bundle.canonical import digest_of
 from starmesh.bundle.keys import PrivateKey
-from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.control_http import Backoff, ControlLimits
 from starmesh.runtime.lkg import load_state
 from starmesh.runtime.proxy import CONTROL_PLANE_PLAINTEXT_NOTICE, Proxy, ProxyConfig
 
-
-def _load_double() -> ModuleType:
-    name = "starmesh_tests_control_plane_double"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("control_plane_double.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-double = _load_double()
-ControlPlaneDouble = double.ControlPlaneDouble
-Offer = double.Offer
-DEADLINE = double.DEADLINE
-
-POLICY = """
-mesh(name = "t", mtls = "disable")
-service(name = "web", versions = ["v1"])
-service(name = "api", versions = ["v1", "v2"])
-http_route("api", rules = [rule(backends = {{"{default}": 100}})])
-request_test(name = "api goes to {default}", service = "api", backends = "{default}")
-"""
-
-
-@dataclass(frozen=True)
-class Bundles:
-    v1: bytes
-    v2: bytes
-    golden_failing: bytes
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
-    made = {}
-    for default in ("v1", "v2"):
-        root = tmp_path_factory.mktemp(f"policy-{default}")
-        (root / "mesh.star").write_text(POLICY.format(default=default))
-        result = compile_tree(root)
-        assert result.data is not None, result.findings
-        made[default] = result.data
-    bundle = decode_bundle(made["v1"])
-    tests = tuple(msgspec.structs.replace(t, backends={"v2": 100}) for t in bundle.spec.request_tests)
-    failing = encode_bundle(msgspec.structs.replace(bundle, spec=msgspec.structs.replace(bundle.spec, request_tests=tests)))[0]
-    return Bundles(made["v1"], made["v2"], failing)
-
-
-@pytest.fixture
-def cp() -> Iterator[Any]:
-    plane = ControlPlaneDouble()
-    try:
-        yield plane
-    finally:
-        plane.close()
-
-
-def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return "http://127.0.0.1:%d" % sock.getsockname()[1]
+DEADLINE = 30.0
+"""Seconds to wait for a condition; a bound on waiting, never an assertion about speed."""
 
 
 @asynccontextmanager
@@ -132,10 +71,10 @@ async def admin(proxy: Proxy, path: str) -> tuple[int, str]:
 
 
 async def config(proxy: Proxy) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{proxy.listeners['admin']}/config") as response:
-            result: dict[str, Any] = await response.json()
-            return result
+    status, text = await admin(proxy, "/config")
+    assert status == 200, text
+    result: dict[str, Any] = json.loads(text)
+    return result
 
 
 def printed(proxy: Proxy) -> list[str]:
@@ -151,7 +90,7 @@ def reports_with(cp: Any, version: int | None, *, error: bool) -> list[dict[str,
 # -- the happy path -------------------------------------------------------------------
 
 
-def test_apply_ack_endpoints_and_heartbeats(tmp_path: Path, cp: Any, bundles: Bundles) -> None:
+def test_apply_ack_endpoints_and_heartbeats(tmp_path: Path, cp: Any, bundles: Any) -> None:
     state = tmp_path / "state"
 
     async def go() -> None:
@@ -212,7 +151,7 @@ def test_apply_ack_endpoints_and_heartbeats(tmp_path: Path, cp: Any, bundles: Bu
     asyncio.run(go())
 
 
-def test_a_reissue_of_the_live_bundle_applies_without_a_fetch(tmp_path: Path, cp: Any, bundles: Bundles) -> None:
+def test_a_reissue_of_the_live_bundle_applies_without_a_fetch(tmp_path: Path, cp: Any, bundles: Any) -> None:
     async def go() -> None:
         async with running_proxy(tmp_path / "state", [cp.url], [cp.public_key]) as proxy:
             first = cp.publish(bundles.v1)
@@ -234,7 +173,7 @@ def test_a_reissue_of_the_live_bundle_applies_without_a_fetch(tmp_path: Path, cp
 class Bad:
     """One bad input: `serve` makes the double answer it (as release 2); `reason` is in the NACK."""
 
-    serve: Callable[[Any, Bundles], None]
+    serve: Callable[[Any, Any], None]
     reason: str
     limits: ControlLimits = ControlLimits()
     nack_bundle: bool = True  # the NACK names the bundle (False: the release could not be read)
@@ -243,23 +182,39 @@ class Bad:
     cut_before: int | None = None  # an endless answer: the double wrote less than this before the hang-up
 
 
-def _tampered_bundle(cp: Any, b: Bundles) -> None:
+def _tampered_bundle(cp: Any, b: Any) -> None:
     cp.bundle_answers[digest_of(b.v2)] = b.v2.replace(b'"v2":100', b'"v1":100')
     cp.publish(b.v2)
 
 
-def _flipped_payload_byte(cp: Any, b: Bundles) -> None:
+def flip_payload_byte(envelope: bytes) -> bytes:
+    """The envelope with one byte of its payload changed (the signature no longer covers it)."""
+    doc = json.loads(envelope)
+    payload = bytearray(base64.b64decode(doc["payload"]))
+    index = payload.index(b'"mesh":"t"') + len('"mesh":"')
+    payload[index] = ord("u")
+    doc["payload"] = base64.b64encode(bytes(payload)).decode()
+    return json.dumps(doc).encode()
+
+
+def with_payload_type(envelope: bytes, payload_type: str) -> bytes:
+    doc = json.loads(envelope)
+    doc["payloadType"] = payload_type
+    return json.dumps(doc).encode()
+
+
+def _flipped_payload_byte(cp: Any, b: Any) -> None:
     published = cp.publish(b.v2, serve=False)
-    cp.offer(Offer(2, double.flip_payload_byte(published.envelope)))
+    cp.offer(2, flip_payload_byte(published.envelope))
 
 
-def _changed_payload_type(cp: Any, b: Bundles) -> None:
+def _changed_payload_type(cp: Any, b: Any) -> None:
     published = cp.publish(b.v2, serve=False)
-    cp.offer(Offer(2, double.with_payload_type(published.envelope, "application/vnd.in-toto+json")))
+    cp.offer(2, with_payload_type(published.envelope, "application/vnd.in-toto+json"))
 
 
-def _replayed_older_release(cp: Any, b: Bundles) -> None:
-    cp.offer(Offer(1, cp.published[0].envelope, always=True))
+def _replayed_older_release(cp: Any, b: Any) -> None:
+    cp.offer(1, cp.published[0].envelope, always=True)
 
 
 BAD = {
@@ -281,17 +236,17 @@ BAD = {
         nack_bundle=False,
     ),
     "same-version-other-bundle": Bad(
-        lambda cp, b: cp.offer(Offer(1, cp.publish(b.v2, version=1, serve=False).envelope, always=True)),
+        lambda cp, b: cp.offer(1, cp.publish(b.v2, version=1, serve=False).envelope, always=True),
         "a new bundle needs a new, higher version", nack_version=1,
         nack_bundle=False,
     ),
     "oversized-envelope": Bad(
-        lambda cp, b: cp.offer(Offer(2, b"{" + b" " * 70_000 + b"}")),
+        lambda cp, b: cp.offer(2, b"{" + b" " * 70_000 + b"}"),
         "the answer declares 70002 bytes, over the 65536-byte cap for a release", nack_bundle=False,
         nack_version=None,
     ),
     "endless-envelope": Bad(
-        lambda cp, b: cp.offer(Offer(2, mode="endless")), "the answer went past the 65536-byte cap for a release",
+        lambda cp, b: cp.offer(2, mode="endless"), "the answer went past the 65536-byte cap for a release",
         nack_bundle=False, nack_version=None, cut_before=32 * 1024 * 1024,  # socket buffers, not 64 MiB
     ),
     "oversized-bundle": Bad(
@@ -317,7 +272,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD.values()), ids=list(BAD))
 def test_bad_input_is_nacked_with_the_reason_and_changes_nothing(
-    tmp_path: Path, cp: Any, bundles: Bundles, case: Bad
+    tmp_path: Path, cp: Any, bundles: Any, case: Bad
 ) -> None:
     state = tmp_path / "state"
 
@@ -357,7 +312,7 @@ def test_bad_input_is_nacked_with_the_reason_and_changes_nothing(
     asyncio.run(go())
 
 
-def test_a_nack_is_not_retried_in_a_hot_loop(tmp_path: Path, cp: Any, bundles: Bundles) -> None:
+def test_a_nack_is_not_retried_in_a_hot_loop(tmp_path: Path, cp: Any, bundles: Any) -> None:
     async def go() -> None:
         async with running_proxy(tmp_path / "state", [cp.url], [cp.public_key]) as proxy:
             cp.publish(bundles.v1)
@@ -374,8 +329,6 @@ def test_a_nack_is_not_retried_in_a_hot_loop(tmp_path: Path, cp: Any, bundles: B
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
-    import random
-
     backoff = Backoff(0.2, 10.0, random.Random(7))
     delays = [backoff.next() for _ in range(10)]
     for n, delay in enumerate(delays):
@@ -393,36 +346,28 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 # -- failover ---------------------------------------------------------------------------
 
 
-def test_failover_across_control_plane_urls(tmp_path: Path, bundles: Bundles) -> None:
-    first = ControlPlaneDouble()
-    second = ControlPlaneDouble(key=first.key)
-    open_planes = [first, second]
+def test_failover_across_control_plane_urls(
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, rt: Any
+) -> None:
+    first = planes()
+    second = planes(key=first.key)
+    for plane in (first, second):
+        plane.publish(bundles.v1)
 
-    def close(plane: Any) -> None:
-        open_planes.remove(plane)
-        plane.close()
+    async def go() -> None:
+        async with running_proxy(tmp_path / "state", [rt.dead_url(), first.url, second.url], [first.public_key]) as proxy:
+            await until(lambda: reports_with(first, 1, error=False), "release 1 from the first live URL")
+            assert (await config(proxy))["control_plane"]["url"] == first.url
+            await asyncio.to_thread(first.close)
+            await until(lambda: second.heartbeats, "heartbeats at the second URL")
+            await until(
+                lambda: proxy.client is not None and proxy.client.targets.connected
+                and proxy.client.targets.current == second.url, "connected to the second URL"
+            )
+            block = (await config(proxy))["control_plane"]
+            assert (block["url"], block["connected"]) == (second.url, True)
+            published = second.publish(bundles.v2)
+            await until(lambda: reports_with(second, 2, error=False), "release 2 from the second URL")
+            assert proxy.applier.applied is not None and proxy.applier.applied.digest == published.digest
 
-    try:
-        for plane in (first, second):
-            plane.publish(bundles.v1)
-
-        async def go() -> None:
-            async with running_proxy(tmp_path / "state", [dead_url(), first.url, second.url], [first.public_key]) as proxy:
-                await until(lambda: reports_with(first, 1, error=False), "release 1 from the first live URL")
-                assert (await config(proxy))["control_plane"]["url"] == first.url
-                await asyncio.to_thread(close, first)
-                await until(lambda: second.heartbeats, "heartbeats at the second URL")
-                await until(
-                    lambda: proxy.client is not None and proxy.client.targets.connected
-                    and proxy.client.targets.current == second.url, "connected to the second URL"
-                )
-                block = (await config(proxy))["control_plane"]
-                assert (block["url"], block["connected"]) == (second.url, True)
-                published = second.publish(bundles.v2)
-                await until(lambda: reports_with(second, 2, error=False), "release 2 from the second URL")
-                assert proxy.applier.applied is not None and proxy.applier.applied.digest == published.digest
-
-        asyncio.run(go())
-    finally:
-        for plane in list(open_planes):
-            close(plane)
+    asyncio.run(go())

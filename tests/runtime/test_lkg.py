@@ -16,7 +16,6 @@ from starmesh.bundle.canonical import digest_of
 from starmesh.bundle.files import TEMP_PREFIX
 from starmesh.bundle.keys import PrivateKey
 from starmesh.bundle.release import issue_release
-from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.errors import LastKnownGoodError
 from starmesh.runtime.lkg import (
     GENERATION_FILES,
@@ -37,13 +36,8 @@ http_route("api", rules = [rule(backends = {{"{version}": 100}})])
 KEY = PrivateKey.generate()
 
 
-def bundle(tmp_path: Path, version: str, mesh: str = "t") -> bytes:
-    root = tmp_path / f"policy-{version}-{mesh}"
-    root.mkdir(exist_ok=True)
-    (root / "mesh.star").write_text(POLICY.format(version=version, mesh=mesh))
-    result = compile_tree(root)
-    assert result.data is not None, result.findings
-    return result.data
+def bundle(rt: Any, tmp_path: Path, version: str, mesh: str = "t") -> bytes:
+    return rt.compile_policy(tmp_path / f"policy-{version}-{mesh}", POLICY.format(version=version, mesh=mesh))
 
 
 def generation(data: bytes, release: int | None, *, key: PrivateKey = KEY, endpoints: Any = None) -> LastKnownGood:
@@ -74,11 +68,11 @@ def slot_of(state: Path, number: int) -> Path:
 
 
 @pytest.fixture
-def two(tmp_path: Path) -> tuple[Path, bytes, bytes]:
+def two(tmp_path: Path, rt: Any) -> tuple[Path, bytes, bytes]:
     """A state dir holding release 1 (bundle v1) and release 2 (bundle v2)."""
     state = tmp_path / "state"
     state.mkdir()
-    v1, v2 = bundle(tmp_path, "v1"), bundle(tmp_path, "v2")
+    v1, v2 = bundle(rt, tmp_path, "v1"), bundle(rt, tmp_path, "v2")
     save_last_known_good(state, generation(v1, 1))
     save_last_known_good(state, generation(v2, 2))
     return state, v1, v2
@@ -166,10 +160,12 @@ def test_only_when_both_are_bad_is_there_none(two: tuple[Path, bytes, bytes]) ->
     assert load_last_known_good(state.parent / "empty") is None
 
 
-def test_a_new_save_after_a_corrupt_newest_keeps_the_loadable_one(two: tuple[Path, bytes, bytes], tmp_path: Path) -> None:
+def test_a_new_save_after_a_corrupt_newest_keeps_the_loadable_one(
+    two: tuple[Path, bytes, bytes], tmp_path: Path, rt: Any
+) -> None:
     state, v1, v2 = two
     _digest_mismatch(state, slot_of(state, 2), v2)
-    v3 = bundle(tmp_path, "v1", mesh="t3")
+    v3 = bundle(rt, tmp_path, "v1", mesh="t3")
     save_last_known_good(state, generation(v3, 3))
     loaded = load_state(state)
     # The new generation went into the corrupt slot; generation 1 (the loadable one) is kept.
@@ -206,10 +202,10 @@ class Crash(BaseException):
 
 
 def test_a_crash_at_any_step_of_a_save_leaves_a_loadable_generation(
-    two: tuple[Path, bytes, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    two: tuple[Path, bytes, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rt: Any
 ) -> None:
     state, v1, v2 = two
-    v3 = bundle(tmp_path, "v1", mesh="t3")
+    v3 = bundle(rt, tmp_path, "v1", mesh="t3")
     real_write, real_unlink = lkg_module.write_atomically, Path.unlink
     steps = 0
     crash_at = -1

@@ -8,202 +8,34 @@ replay after a restart, and a kill -9 at any moment during persists. The double
 
 from __future__ import annotations
 
-import http.client
-import importlib.util
-import json
-import os
-import queue
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from starmesh.bundle.canonical import digest_of
-from starmesh.bundle.keys import PrivateKey, generate_keypair, public_key_pem
+from starmesh.bundle.keys import PrivateKey, generate_keypair
 from starmesh.cli.main import main
-from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.lkg import GENERATION_FILES, load_state
 from starmesh.runtime.proxy import CONTROL_PLANE_PLAINTEXT_NOTICE
 
-
-def _load_double() -> ModuleType:
-    name = "starmesh_tests_control_plane_double"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("control_plane_double.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-double = _load_double()
-ControlPlaneDouble = double.ControlPlaneDouble
-Offer = double.Offer
-DEADLINE = double.DEADLINE
-STARMESH = Path(sys.executable).with_name("starmesh")
-
-POLICY = """
-mesh(name = "t", mtls = "disable")
-service(name = "web", versions = ["v1"])
-service(name = "api", versions = ["v1", "v2"])
-http_route("api", rules = [rule(backends = {{"{default}": 100}})])
-"""
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    made = {}
-    for default in ("v1", "v2"):
-        root = tmp_path_factory.mktemp(f"policy-{default}")
-        (root / "mesh.star").write_text(POLICY.format(default=default))
-        result = compile_tree(root)
-        assert result.data is not None, result.findings
-        made[default] = result.data
-    return made
+DEADLINE = 30.0
+"""Seconds to wait for a process; a bound on waiting, never an assertion about speed."""
 
 
 @pytest.fixture
-def planes() -> Iterator[Callable[..., Any]]:
-    started: list[Any] = []
+def start_proxy(proxies: Any) -> Callable[..., Any]:
+    """start_proxy(urls, trust): a control-plane-form proxy (tests/runtime/conftest.py), its status read."""
 
-    def start(**kw: Any) -> Any:
-        plane = ControlPlaneDouble(**kw)
-        started.append(plane)
-        return plane
+    def start(urls: list[str], trust: list[Path]) -> Any:
+        return proxies.start(control_plane=urls, trust=trust)
 
-    yield start
-    for plane in started:
-        plane.close()
-
-
-def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return "http://127.0.0.1:%d" % sock.getsockname()[1]
-
-
-def trust_file(tmp_path: Path, key: PrivateKey) -> Path:
-    path = tmp_path / f"trust-{id(key)}.pub"
-    path.write_bytes(public_key_pem(key.public_key()))
-    return path
-
-
-# -- proxy processes -----------------------------------------------------------------------
-
-
-@dataclass
-class ProxyProcess:
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str | None]
-    printed: list[str] = field(default_factory=list)
-    addresses: dict[str, str] = field(default_factory=dict)
-    status: str = ""
-
-    def next_line(self, test: Callable[[str], bool], what: str) -> str:
-        end = time.monotonic() + DEADLINE
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"the proxy never printed {what}: {self.printed}") from None
-            if line is None:
-                raise AssertionError(f"the proxy exited ({self.process.wait()}) before {what}: {self.printed}")
-            self.printed.append(line)
-            word, _, rest = line.partition(" ")
-            if word in ("outbound", "inbound", "admin"):
-                self.addresses[word] = rest
-            if test(line):
-                return line
-
-    def read_start(self) -> None:
-        self.status = self.next_line(lambda line: line.startswith(("ready ", "not ready: ")), "a status line")
-
-    def http(self, listener: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        host, _, port = self.addresses[listener].rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
-        try:
-            conn.request("GET", path, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            conn.close()
-
-    def config(self) -> dict[str, Any]:
-        status, _, body = self.http("admin", "/config")
-        assert status == 200
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def wait_config(self, test: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        end = time.monotonic() + DEADLINE
-        while True:
-            shown = self.config()
-            if test(shown):
-                return shown
-            if time.monotonic() > end:
-                raise AssertionError(f"/config never showed {what}: {shown}")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(DEADLINE)
-
-
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    started: list[ProxyProcess] = []
-
-    def start(urls: list[str], trust: list[Path], *, state_dir: Path | None = None, read_start: bool = True) -> ProxyProcess:
-        args = [
-            str(STARMESH), "proxy", "--service", "web", "--version", "v1", "--app", "127.0.0.1:1",
-            "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--state-dir", str(state_dir or tmp_path / "state"),
-        ]
-        for url in urls:
-            args += ["--control-plane", url]
-        for path in trust:
-            args += ["--trust", str(path)]
-        log = open(tmp_path / f"proxy-{len(started)}.log", "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-        log.close()
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                lines.put(line.rstrip("\n"))
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        proxy = ProxyProcess(process, lines)
-        started.append(proxy)
-        if read_start:
-            proxy.read_start()
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.process.poll() is None:
-            try:
-                os.killpg(proxy.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proxy.process.wait(DEADLINE)
-        if proxy.process.stdout is not None:
-            proxy.process.stdout.close()
+    return start
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -255,46 +87,46 @@ def test_usage_errors_exit_2(tmp_path: Path, extra: list[str], message: str) -> 
 
 
 def test_not_ready_without_last_known_good_or_control_plane_then_ready_once_one_answers(
-    tmp_path: Path, planes: Callable[..., Any], bundles: dict[str, bytes], start_proxy: Callable[..., ProxyProcess]
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, start_proxy: Callable[..., Any], rt: Any
 ) -> None:
-    url = dead_url()
+    url = rt.dead_url()
     key = PrivateKey.generate()
-    proxy = start_proxy([url], [trust_file(tmp_path, key)])
+    proxy = start_proxy([url], [rt.trust_file(tmp_path, key)])
     assert proxy.printed[0] == CONTROL_PLANE_PLAINTEXT_NOTICE
     state = tmp_path / "state"
     assert proxy.status == (
         f"not ready: no config yet: no last-known-good in {state}; "
         f"waiting for a release from the control plane at {url}"
     )
-    status, _, body = proxy.http("admin", "/readyz")
-    assert status == 503 and body.decode().startswith("not ready: no config yet: no last-known-good")
-    status, headers, _ = proxy.http("outbound", "/", {"Host": "api"})
-    assert (status, headers["x-starmesh-error"]) == (503, "not-ready")
+    readyz = proxy.http("admin", "/readyz")
+    assert readyz.status == 503 and readyz.body.decode().startswith("not ready: no config yet: no last-known-good")
+    answer = proxy.http("outbound", "/", {"Host": "api"})
+    assert (answer.status, answer.error) == (503, "not-ready")
     shown = proxy.wait_config(lambda c: c["control_plane"]["connected"] is False, "not connected")
     assert shown["control_plane"]["url"] == url and shown["origin"] is None
     assert proxy.stop() == 0
 
     # A control plane with nothing to give yet: still not ready; a release: ready.
     plane = planes(key=key)
-    proxy = start_proxy([plane.url], [trust_file(tmp_path, key)])
+    proxy = start_proxy([plane.url], [rt.trust_file(tmp_path, key)])
     assert proxy.status.startswith("not ready: no config yet")
     plane.wait_for(lambda: plane.heartbeats, "a heartbeat")
-    assert proxy.http("admin", "/readyz")[0] == 503
-    published = plane.publish(bundles["v1"])
+    assert proxy.http("admin", "/readyz").status == 503
+    published = plane.publish(bundles.v1)
     assert proxy.next_line(lambda line: line.startswith("applied release "), "the apply") == (
         f"applied release 1 {published.digest}"
     )
-    assert proxy.http("admin", "/readyz")[0] == 200
-    assert proxy.http("outbound", "/", {"Host": "nope"})[1]["x-starmesh-error"] == "no-route"
+    assert proxy.http("admin", "/readyz").status == 200
+    assert proxy.http("outbound", "/", {"Host": "nope"}).error == "no-route"
     assert proxy.stop() == 0
 
 
 def test_restart_from_last_known_good_with_the_control_plane_down_and_a_replay_after_it(
-    tmp_path: Path, planes: Callable[..., Any], bundles: dict[str, bytes], start_proxy: Callable[..., ProxyProcess]
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, start_proxy: Callable[..., Any], rt: Any
 ) -> None:
     plane = planes()
-    trust = trust_file(tmp_path, plane.key)
-    first, second = plane.publish(bundles["v1"]), plane.publish(bundles["v2"])
+    trust = rt.trust_file(tmp_path, plane.key)
+    first, second = plane.publish(bundles.v1), plane.publish(bundles.v2)
     proxy = start_proxy([plane.url], [trust])
     proxy.next_line(lambda line: line == f"applied release 2 {second.digest}", "release 2")
     plane.wait_for(lambda: [r for r in plane.reports_of() if r["version"] == 2], "the ACK")
@@ -303,17 +135,17 @@ def test_restart_from_last_known_good_with_the_control_plane_down_and_a_replay_a
     assert {who for who, _ in plane.heartbeats} == {proxy_id}
 
     # The control plane is down: the proxy serves release 2 from disk.
-    proxy = start_proxy([dead_url()], [trust])
+    proxy = start_proxy([rt.dead_url()], [trust])
     assert proxy.status == f"ready {second.digest}"
     shown = proxy.config()
     assert (shown["origin"], shown["release_version"], shown["bundle"]) == ("last-known-good", 2, second.digest)
     assert shown["control_plane"]["proxy_id"] == proxy_id
-    assert proxy.http("outbound", "/", {"Host": "nope"})[1]["x-starmesh-error"] == "no-route"
+    assert proxy.http("outbound", "/", {"Host": "nope"}).error == "no-route"
     assert proxy.stop() == 0
 
     # A control plane (same key) that replays release 1: refused, also after the restart.
     replayer = planes(key=plane.key)
-    replayer.offer(Offer(1, first.envelope, always=True))
+    replayer.offer(1, first.envelope, always=True)
     proxy = start_proxy([replayer.url], [trust])
     assert proxy.status == f"ready {second.digest}"
     nack = replayer.wait_for(lambda: [r for r in replayer.reports_of() if r["error"]], "a NACK")[0]
@@ -326,25 +158,25 @@ def test_restart_from_last_known_good_with_the_control_plane_down_and_a_replay_a
 
 
 def test_a_corrupt_newest_generation_falls_back_to_the_previous(
-    tmp_path: Path, planes: Callable[..., Any], bundles: dict[str, bytes], start_proxy: Callable[..., ProxyProcess]
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, start_proxy: Callable[..., Any], rt: Any
 ) -> None:
     plane = planes()
-    trust = trust_file(tmp_path, plane.key)
-    first = plane.publish(bundles["v1"])
+    trust = rt.trust_file(tmp_path, plane.key)
+    first = plane.publish(bundles.v1)
     proxy = start_proxy([plane.url], [trust])
     proxy.next_line(lambda line: line == f"applied release 1 {first.digest}", "release 1")
-    second = plane.publish(bundles["v2"])
+    second = plane.publish(bundles.v2)
     proxy.next_line(lambda line: line == f"applied release 2 {second.digest}", "release 2")
     assert proxy.stop() == 0
     state = tmp_path / "state"
-    (state / "bundles" / (second.digest.replace(":", "-") + ".json")).write_bytes(bundles["v1"][:-1])
+    (state / "bundles" / (second.digest.replace(":", "-") + ".json")).write_bytes(bundles.v1[:-1])
 
-    proxy = start_proxy([dead_url()], [trust])
+    proxy = start_proxy([rt.dead_url()], [trust])
     assert proxy.status == f"ready {first.digest}"
     shown = proxy.config()
     assert (shown["origin"], shown["release_version"]) == ("last-known-good", 1)
     assert proxy.stop() == 0
-    assert "corrupt: its bytes hash to" in (tmp_path / "proxy-1.log").read_text()
+    assert "corrupt: its bytes hash to" in proxy.log.read_text()
 
     # Back online, the control plane's newest is release 2 again (the high-water mark):
     # the same release is no replay, so it is applied again.
@@ -358,50 +190,27 @@ def test_a_corrupt_newest_generation_falls_back_to_the_previous(
 
 @pytest.mark.parametrize("why", ["bundle-form", "untrusted-key"])
 def test_last_known_good_that_does_not_verify_is_not_applied(
-    tmp_path: Path, planes: Callable[..., Any], bundles: dict[str, bytes], start_proxy: Callable[..., ProxyProcess],
-    why: str,
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, start_proxy: Callable[..., Any], rt: Any,
+    proxies: Any, why: str,
 ) -> None:
     state = tmp_path / "state"
-    if why == "bundle-form":
-        bundle = tmp_path / "bundle.json"
-        bundle.write_bytes(bundles["v1"])
-        _run_bundle_form(state, bundle)
+    if why == "bundle-form":  # the --bundle form leaves last-known-good behind, without a release
+        bundle = rt.write(tmp_path / "bundle.json", bundles.v1)
+        local = proxies.start(bundle=bundle, state=state)
+        assert local.status.startswith("ready "), local.status
+        assert local.stop() == 0
         expected = "has no signed release (it came from a --bundle file)"
     else:
         plane = planes()
-        plane.publish(bundles["v1"])
-        proxy = start_proxy([plane.url], [trust_file(tmp_path, plane.key)])
+        plane.publish(bundles.v1)
+        proxy = start_proxy([plane.url], [rt.trust_file(tmp_path, plane.key)])
         proxy.next_line(lambda line: line.startswith("applied release 1 "), "release 1")
         assert proxy.stop() == 0
         expected = "its release does not verify: no valid signature by a trusted key"
     assert load_state(state).generations
-    proxy = start_proxy([dead_url()], [trust_file(tmp_path, PrivateKey.generate())])
+    proxy = start_proxy([rt.dead_url()], [rt.trust_file(tmp_path, PrivateKey.generate())])
     assert proxy.status.startswith("not ready: no config yet: last-known-good ignored: ")
     assert expected in proxy.status
-
-
-def _run_bundle_form(state: Path, bundle: Path) -> None:
-    """Run the --bundle form until it is ready, then stop it (it leaves last-known-good behind)."""
-    process = subprocess.Popen(
-        [str(STARMESH), "proxy", "--service", "web", "--version", "v1", "--app", "127.0.0.1:1",
-         "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-         "--state-dir", str(state), "--bundle", str(bundle)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith(("ready ", "not ready")):
-                assert line.startswith("ready "), line
-                break
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(DEADLINE) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(DEADLINE)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 # -- kill -9 while persisting ----------------------------------------------------------------
@@ -409,33 +218,33 @@ def _run_bundle_form(state: Path, bundle: Path) -> None:
 
 @pytest.mark.slow
 def test_a_kill_9_at_any_moment_never_leaves_the_proxy_unable_to_start(
-    tmp_path: Path, planes: Callable[..., Any], bundles: dict[str, bytes], start_proxy: Callable[..., ProxyProcess]
+    tmp_path: Path, planes: Callable[..., Any], bundles: Any, start_proxy: Callable[..., Any], rt: Any
 ) -> None:
     plane = planes()
-    trust = trust_file(tmp_path, plane.key)
-    plane.publish(bundles["v1"])
+    trust = rt.trust_file(tmp_path, plane.key)
+    plane.publish(bundles.v1)
     stop = threading.Event()
 
     def publish_forever() -> None:
         n = 0
         while not stop.wait(0.15):
             n += 1
-            plane.publish(bundles["v2" if n % 2 else "v1"])
+            plane.publish(bundles.v2 if n % 2 else bundles.v1)
             plane.set_endpoints({"api": {"v1": [f"127.0.0.1:{7000 + n % 1000}"]}})
 
     publisher = threading.Thread(target=publish_forever, daemon=True)
     publisher.start()
     rng = random.Random(4)
-    digests = {digest_of(bundles["v1"]), digest_of(bundles["v2"])}
+    digests = {digest_of(bundles.v1), digest_of(bundles.v2)}
     try:
         for iteration in range(10):
             proxy = start_proxy([plane.url], [trust])
             proxy.next_line(lambda line: line.startswith("applied release "), "an apply")
             time.sleep(rng.uniform(0.0, 0.4))  # a random moment: applies and persists keep coming
-            os.killpg(proxy.process.pid, signal.SIGKILL)
-            proxy.process.wait(DEADLINE)
+            proxy.process.kill()
+            proxy.process.popen.wait(DEADLINE)
 
-            restarted = start_proxy([dead_url()], [trust])
+            restarted = start_proxy([rt.dead_url()], [trust])
             assert restarted.status.startswith("ready "), (iteration, restarted.status)
             assert restarted.status.removeprefix("ready ") in digests
             shown = restarted.config()

@@ -4,43 +4,35 @@ control-plane form, and test apps, all real processes on 127.0.0.1.
     git commit ─► starmesh control-plane ─► long-poll ─► starmesh proxy (×N) ─► test apps
                     (watches the repo)                    (--control-plane URL --trust KEY)
 
-The process, app and proxy helpers come from tests/runtime/e2e/conftest.py (loaded by
-path: conftest modules cannot be imported in importlib mode); `fleet` adds the Git repo,
-the signing key, the control plane and control-plane-form proxies. Everything started is
-stopped, and asserted gone, when the test ends.
+The process, app and proxy helpers and the `mesh` and `h` fixtures come from
+tests/runtime/e2e/conftest.py (loaded by path: conftest modules cannot be imported in
+importlib mode); `fleet` adds the Git repo, the signing key, the control plane and
+control-plane-form proxies. Everything started is stopped, and asserted gone, when the
+test ends.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 import pytest
 
-
-def _load_support() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "runtime" / "e2e" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("starmesh_e2e_support", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-support = _load_support()
+E2E_CONFTEST = Path(__file__).resolve().parents[1] / "runtime" / "e2e" / "conftest.py"
+support = SimpleNamespace(**runpy.run_path(str(E2E_CONFTEST), run_name="starmesh_e2e_support"))
 Process = support.Process
 Proxy = support.Proxy
 Mesh = support.Mesh
+mesh = support.mesh  # the fixture: apps and proxies, all stopped (and asserted gone) at the end
 h = support.h  # the client helpers fixture: call, many, send_all, poll_until, ...
 
 POLICY = """\
@@ -149,17 +141,9 @@ class Fleet:
             "--poll-interval", "1", "--proxy-ttl", "3",
             *extra,
         ]  # fmt: skip
-        process = Process("control-plane", argv)
-        self.mesh.processes.append(process)
-        cp = ControlPlane(process)
-
-        def listening(lines: list[str]) -> str | None:
-            for line in lines:
-                if line.startswith("listening "):
-                    return line.removeprefix("listening ").strip()
-            return None
-
-        cp.address = str(process.wait_for(listening, "'listening' line"))
+        cp = ControlPlane(self.mesh.start("control-plane", argv))
+        listening = cp.process.first_line(lambda line: line.startswith("listening "), "'listening' line")
+        cp.address = listening.removeprefix("listening ").strip()
         self.control_planes.append(cp)
         return cp
 
@@ -180,34 +164,12 @@ class Fleet:
     ) -> Proxy:
         """A control-plane-form proxy; waits until it is ready unless told not to."""
         planes = [cp] if isinstance(cp, ControlPlane) else list(cp)
-        state_dir = state or self.mesh._next(f"state-{service}")
-        argv = [
-            sys.executable, "-m", "starmesh.cli", "proxy",
-            "--service", service, "--version", version, "--app", app,
-            "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--state-dir", str(state_dir),
-        ]  # fmt: skip
-        for plane in planes:
-            argv += ["--control-plane", plane.url]
-        for key in trust or [self.public]:
-            argv += ["--trust", str(key)]
-        process = Process(f"proxy {service}/{version}", argv)
-        self.mesh.processes.append(process)
-        proxy = Proxy(service, process)
-        proxy.wait_addresses()
-        proxy.state_dir = state_dir  # type: ignore[attr-defined]
+        extra = [arg for plane in planes for arg in ("--control-plane", plane.url)]
+        extra += [arg for key in trust or [self.public] for arg in ("--trust", str(key))]
+        proxy = self.mesh.start_proxy(service, version, app, None, extra=extra, state=state)
         if wait_ready:
             proxy.wait_ready(30.0)
         return proxy
-
-
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    started = Mesh(tmp_path)
-    try:
-        yield started
-    finally:
-        started.close()
 
 
 @pytest.fixture

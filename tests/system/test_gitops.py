@@ -182,7 +182,7 @@ def test_a_restarted_proxy_starts_from_last_known_good_with_the_control_plane_do
     assert cp.process.stop() == 0
     assert proxy.process.stop() == 0
 
-    restarted = fleet.proxy(cp, "app", "v1", app=app1.address, state=proxy.state_dir)  # type: ignore[attr-defined]
+    restarted = fleet.proxy(cp, "app", "v1", app=app1.address, state=proxy.state_dir)
     config = restarted.config()
     assert config["origin"] == "last-known-good"
     assert config["bundle"] == release["bundle"] and config["release_version"] == release["version"]

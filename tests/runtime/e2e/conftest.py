@@ -9,6 +9,9 @@
 endpoint files, and offers small clients. Every process it started is stopped when
 the test ends (SIGTERM, then SIGKILL after a grace period) and asserted gone.
 
+`Process`, `Proxy` and `Mesh` are the tests' one way to run a child process: the
+conftests of tests/runtime, tests/cli and tests/system load this file by path for them.
+
 Nothing here sleeps to synchronise: readiness is polled with a deadline (the app's
 `listening on` line, the proxy's printed addresses and its admin `/readyz`).
 """
@@ -16,6 +19,7 @@ Nothing here sleeps to synchronise: readiness is polled with a deadline (the app
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -31,6 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -52,25 +57,32 @@ _ADDRESS = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|localhost):(\
 
 
 class Process:
-    """A child process whose merged stdout/stderr a reader thread collects line by line.
+    """A child process whose output a reader thread collects line by line.
 
-    The reader keeps draining the pipe, so a chatty child never blocks on a full pipe.
+    The lines are stdout and stderr merged, or, with `stderr=FILE`, stdout alone (stderr
+    goes to FILE: for tests that check what a process prints, apart from its log). The
+    reader keeps draining the pipe, so a chatty child never blocks on a full pipe. The
+    child leads its own process group, so `kill` takes anything it started with it.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> None:
+    def __init__(self, name: str, argv: Sequence[str], cwd: Path | None = None, *, stderr: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
+        self.stderr = stderr
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-            cwd=cwd,
-            env=env,
-        )
+        with contextlib.ExitStack() as files:
+            log = subprocess.STDOUT if stderr is None else files.enter_context(open(stderr, "w"))
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
         self._terminated = False
         self._eof = False
         self._lines: list[str] = []
@@ -96,6 +108,22 @@ class Process:
         with self._changed:
             return "\n".join(self._lines)
 
+    def _report(self, size: int = 4000) -> str:
+        """The lines, and the end of the stderr file when there is one: for a failure message."""
+        output = "\n".join(self._lines)
+        if self.stderr is None:
+            return output
+        try:
+            text = self.stderr.read_text(errors="replace")
+        except OSError as exc:
+            return f"{output}\n(stderr file {self.stderr}: {exc})"
+        return f"{output}\n--- stderr ({self.stderr}) ---\n{text[-size:]}"
+
+    def lines(self) -> list[str]:
+        """The lines read so far."""
+        with self._changed:
+            return list(self._lines)
+
     def wait_for(self, found: Callable[[list[str]], object], what: str, deadline: float = START_DEADLINE) -> object:
         """Wait until `found(lines)` returns something truthy; fail with the output if not."""
         end = time.monotonic() + deadline
@@ -104,16 +132,31 @@ class Process:
                 result = found(self._lines)
                 if result:
                     return result
-                output = "\n".join(self._lines)
                 if self._eof:  # the process closed its output: it has exited
-                    pytest.fail(f"{self.name} exited with {self.popen.wait()} before {what}:\n{output}")
+                    pytest.fail(f"{self.name} exited with {self.popen.wait()} before {what}:\n{self._report()}")
                 left = end - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"{self.name}: no {what} within {deadline}s:\n{output}")
+                    pytest.fail(f"{self.name}: no {what} within {deadline}s:\n{self._report()}")
                 self._changed.wait(min(left, 0.2))
+
+    def first_line(self, test: Callable[[str], object], what: str, deadline: float = START_DEADLINE) -> str:
+        """The first line `test` accepts, waiting for it as `wait_for` does."""
+
+        def found(lines: list[str]) -> str | None:
+            return next((line for line in lines if test(line)), None)
+
+        return str(self.wait_for(found, what, deadline))
 
     def send_signal(self, sig: int) -> None:
         self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the process and whatever it started (its process group)."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it exited in between
 
     def terminate(self) -> None:
         """Ask the process to stop (one SIGTERM, never a second); `stop()` waits for it."""
@@ -128,7 +171,7 @@ class Process:
             try:
                 self.popen.wait(STOP_GRACE)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
+                self.kill()
                 self.popen.wait(STOP_GRACE)
         self._reader.join(STOP_GRACE)
         if self.popen.stdout is not None:
@@ -355,13 +398,8 @@ class App:
         return int(self.address.rsplit(":", 1)[1])
 
     def wait_listening(self) -> None:
-        def found(lines: list[str]) -> str | None:
-            for line in lines:
-                if line.startswith("listening on "):
-                    return line.removeprefix("listening on ").strip()
-            return None
-
-        self.address = str(self.process.wait_for(found, "'listening on' line"))
+        line = self.process.first_line(lambda line: line.startswith("listening on "), "'listening on' line")
+        self.address = line.removeprefix("listening on ").strip()
 
     def stats(self) -> dict[str, int]:
         """Requests received per "METHOD /path" since the last reset."""
@@ -394,18 +432,51 @@ class App:
 
 @dataclass
 class Proxy:
-    """A running `starmesh proxy` and the addresses it printed."""
+    """A running `starmesh proxy`, the addresses it printed and its state dir.
+
+    `status` is its start-up verdict once `read_status` has seen it: `ready sha256:...`
+    or `not ready: <why>`. With its stderr in a file (`log`), `printed` is its stdout."""
 
     service: str
     process: Process
     outbound: str = ""
     inbound: str = ""
     admin: str = ""
+    state_dir: Path | None = None
+    status: str = ""
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {"outbound": self.outbound, "inbound": self.inbound, "admin": self.admin}
+
+    @property
+    def printed(self) -> list[str]:
+        return self.process.lines()
+
+    @property
+    def log(self) -> Path:
+        assert self.process.stderr is not None, "this proxy's stderr is in its lines, not in a file"
+        return self.process.stderr
 
     def wait_addresses(self) -> None:
         found = self.process.wait_for(_listener_addresses, "listener addresses")
         assert isinstance(found, dict)
         self.outbound, self.inbound, self.admin = found["outbound"], found["inbound"], found["admin"]
+
+    def read_status(self, deadline: float = START_DEADLINE) -> str:
+        """Wait for the start-up verdict (`ready ...` or `not ready: ...`) and keep it in `status`."""
+        self.status = self.process.first_line(
+            lambda line: line.startswith(("ready ", "not ready: ")), "a status line", deadline
+        )
+        return self.status
+
+    def next_line(self, test: Callable[[str], object], what: str, deadline: float = START_DEADLINE) -> str:
+        """The first printed line `test` accepts (e.g. `applied release 2 ...`), waiting for it."""
+        return self.process.first_line(test, what, deadline)
+
+    def http(self, listener: str, path: str, headers: Mapping[str, str] | None = None) -> Reply:
+        """GET `path` from the `outbound`, `inbound` or `admin` listener (a fresh connection)."""
+        return call(self.addresses[listener], path, headers=headers)
 
     def ready(self) -> bool:
         return http_status(f"http://{self.admin}/readyz") == 200
@@ -423,6 +494,23 @@ class Proxy:
         data = http_json(f"http://{self.admin}/config")
         assert isinstance(data, dict)
         return data
+
+    def wait_config(
+        self, test: Callable[[dict[str, Any]], object], what: str, deadline: float = START_DEADLINE
+    ) -> dict[str, Any]:
+        """Poll `/config` until `test` accepts it; fail with the last one seen."""
+        end = time.monotonic() + deadline
+        while True:
+            shown = self.config()
+            if test(shown):
+                return shown
+            if time.monotonic() >= end:
+                pytest.fail(f"proxy {self.service}: /config never showed {what} within {deadline}s: {shown}")
+            time.sleep(POLL_INTERVAL)
+
+    def stop(self) -> int:
+        """SIGTERM, wait (SIGKILL after the grace period); the exit code."""
+        return self.process.stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read the --bundle file."""
@@ -473,6 +561,12 @@ class Mesh:
         path.mkdir(parents=True)
         return path
 
+    def start(self, name: str, argv: Sequence[str], *, stderr: Path | None = None) -> Process:
+        """Start a process that `close` stops (see `Process` for `stderr`)."""
+        process = Process(name, argv, stderr=stderr)
+        self.processes.append(process)
+        return process
+
     # apps
 
     def apps(self, *names: str, status: int | None = None) -> list[App]:
@@ -482,9 +576,7 @@ class Mesh:
             argv = [sys.executable, str(APP_SCRIPT), "--port", "0", "--name", name]
             if status is not None:
                 argv += ["--status", str(status)]
-            process = Process(f"app {name}", argv)
-            self.processes.append(process)
-            started.append(App(name, process))
+            started.append(App(name, self.start(f"app {name}", argv)))
         for app in started:
             app.wait_listening()
         return started
@@ -523,12 +615,18 @@ class Mesh:
         service: str,
         version: str,
         app: str,
-        bundle: Path,
+        bundle: Path | None,
         endpoints: Path | None = None,
         extra: Sequence[str] = (),
+        *,
+        state: Path | None = None,
+        log: Path | None = None,
     ) -> Proxy:
-        """Start a proxy and wait for its addresses (not for readiness)."""
-        state = self._next(f"state-{service}")
+        """Start a proxy and wait for its addresses (not for readiness).
+
+        `bundle` None: the control-plane form (`extra` gives `--control-plane` and `--trust`).
+        `state`: its --state-dir (a new one by default); `log`: a file for its stderr."""
+        state = state or self._next(f"state-{service}")
         argv = [
             sys.executable,
             "-m",
@@ -548,15 +646,13 @@ class Mesh:
             "127.0.0.1:0",
             "--state-dir",
             str(state),
-            "--bundle",
-            str(bundle),
         ]
+        if bundle is not None:
+            argv += ["--bundle", str(bundle)]
         if endpoints is not None:
             argv += ["--endpoints", str(endpoints)]
         argv += list(extra)
-        process = Process(f"proxy {service}/{version}", argv)
-        self.processes.append(process)
-        proxy = Proxy(service, process)
+        proxy = Proxy(service, self.start(f"proxy {service}/{version}", argv, stderr=log), state_dir=state)
         proxy.wait_addresses()
         return proxy
 
