@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from starmesh.bundle.decide import DecisionTable
 from starmesh.bundle.spec import Spec
 from starmesh.compiler.compile import CompileResult, compile_tree
 
@@ -24,8 +25,11 @@ def spec(compiled: CompileResult) -> Spec:
     return compiled.bundle.spec
 
 
-def test_compiles_with_no_findings_at_all(compiled: CompileResult) -> None:
-    assert [f.concise() for f in compiled.findings] == []
+def test_compiles_with_no_errors_and_only_the_audit_mode_notes(compiled: CompileResult) -> None:
+    # Until mTLS lands the caller rules run in audit mode (lib/access.star says why), and
+    # lint notes each audit-mode authorization (SM407). Nothing else may be reported.
+    findings = [(f.code, f.severity, f.file) for f in compiled.findings]
+    assert findings == [("SM407", "warning", "lib/access.star")] * 3, [f.concise() for f in compiled.findings]
     assert compiled.bundle is not None
     assert compiled.digest is not None and compiled.digest.startswith("sha256:")
 
@@ -61,7 +65,7 @@ def test_resilience(spec: Spec) -> None:
 def test_routing(spec: Spec) -> None:
     jason, split = spec.routes["reviews"]
     assert jason.backends == {"v2": 100}
-    assert split.backends == {"v1": 80, "v3": 20}
+    assert split.backends == {"v1": 80, "v2": 0, "v3": 20}
     (details,) = spec.routes["details"]
     assert details.mirror is not None and details.mirror.version == "v2"
     faults = [r.fault for r in spec.routes["ratings"] if r.fault is not None]
@@ -71,6 +75,12 @@ def test_routing(spec: Spec) -> None:
 
 def test_authorization(spec: Spec) -> None:
     assert set(spec.authorization) == set(spec.services)
+    # Plaintext links until mTLS: caller (source) rules audit, path/method rules enforce.
+    modes = {name: authorization.mode for name, authorization in spec.authorization.items()}
+    assert modes == {"productpage": "enforce", "details": "audit", "reviews": "audit", "ratings": "audit"}
+    for name, authorization in spec.authorization.items():
+        has_sources = any(rule.sources for rule in authorization.rules)
+        assert has_sources == (authorization.mode == "audit"), name
     (ratings_rule,) = spec.authorization["ratings"].rules
     assert ratings_rule.sources == ("reviews",)
     assert ratings_rule.methods == ("GET",)
@@ -107,3 +117,19 @@ def test_same_bundle_from_another_directory(tmp_path: Path, compiled: CompileRes
     copy = tmp_path / "elsewhere"
     shutil.copytree(POLICIES, copy)
     assert compile_tree(copy).data == compiled.data
+
+
+def test_plaintext_calls_are_let_through_and_counted_as_would_deny(spec: Spec) -> None:
+    """Without mTLS no call carries a source: Bookinfo's own calls must pass (audit), each
+    one counted as would-deny, while productpage's method/path rules still deny."""
+    table = DecisionTable.build(spec)
+    for service, path in (("details", "/details/0"), ("reviews", "/reviews/0"), ("ratings", "/ratings/0")):
+        decision = table.authorize(service, None, "GET", path)
+        assert decision.allowed and decision.mode == "audit" and decision.would_deny, service
+    # With a proven identity (mTLS, later) the right caller is admitted outright...
+    assert not table.authorize("ratings", "reviews", "GET", "/ratings/0").would_deny
+    # ...and the wrong one would be denied once the mode is "enforce".
+    assert table.authorize("ratings", "productpage", "GET", "/ratings/0").would_deny
+    delete = table.authorize("productpage", None, "DELETE", "/productpage")
+    assert not delete.allowed and delete.mode == "enforce"
+    assert table.authorize("productpage", None, "GET", "/api/v1/products/0").allowed
