@@ -37,7 +37,7 @@ def lint_command(
     \b
     Examples:
       starmesh lint                              # ./mesh.star
-      starmesh lint examples/bookinfo/policies --strict
+      starmesh lint . --strict                   # warnings fail too
       starmesh lint . --format json | jq '.findings[].code'
       starmesh lint --format github               # in a GitHub Actions step
     """

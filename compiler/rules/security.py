@@ -62,7 +62,7 @@ def audit_mode(ctx: LintContext) -> Iterator[Finding]:
                 "SM407",
                 authorization_key(name),
                 f"authorization on {quoted(name)} is in audit mode: it logs what it would deny but denies nothing",
-                'check the audit log for "would_deny": true, then set mode = "enforce"',
+                'watch starmesh_authorization_audit_denials_total on the receiving proxy\'s /metrics, then set mode = "enforce"',
             )
 
 
