@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from starmesh.cli.ca import ca_group
 from starmesh.cli.compile import compile_command
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_plane import control_plane_command
@@ -49,3 +50,4 @@ main.add_command(status_command)
 main.add_command(rollback_command)
 main.add_command(verify_command)
 main.add_command(up_command)
+main.add_command(ca_group)

@@ -5,7 +5,8 @@
      ├── SourceUnavailable      the policy repository or branch cannot be read right now (retry later)
      ├── UnknownBundle          a digest the store does not hold (rollback target, bundle fetch)
      ├── RegistryFull           every one of the registry's `max_proxies` is live: a new proxy is refused
-     └── InvalidRegistration    a heartbeat or report with a malformed id, name, address or digest
+     ├── InvalidRegistration    a heartbeat or report with a malformed id, name, address or digest
+     └── CAError                the mesh CA cannot be created or loaded, or refuses a CSR
 
 Foreign errors (OSError, GitCommandError, BundleError) are mapped where they are caught
 and re-raised `from exc`, with where it happened in the message.
@@ -14,6 +15,7 @@ and re-raised `from exc`, with where it happened in the message.
 from __future__ import annotations
 
 __all__ = [
+    "CAError",
     "InvalidRegistration",
     "ReconcilerError",
     "RegistryFull",
@@ -45,3 +47,7 @@ class RegistryFull(ReconcilerError):
 
 class InvalidRegistration(ReconcilerError):
     """A heartbeat or report with a malformed id, name, address or digest (API: 400)."""
+
+
+class CAError(ReconcilerError):
+    """The mesh CA cannot be created or read (path, reason), or refuses to sign a CSR (API: 400)."""
