@@ -28,7 +28,9 @@ from starmesh.bundle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from starmesh.reconciler.api import ApiDeps, make_app
+    from starmesh.reconciler.ca import MeshCA, init_ca, issue_svid, load_ca, server_certificate
     from starmesh.reconciler.errors import (
+        CAError,
         InvalidRegistration,
         ReconcilerError,
         RegistryFull,
@@ -58,6 +60,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RELEASE_HISTORY",
+    "CAError",
+    "MeshCA",
+    "init_ca",
+    "issue_svid",
+    "load_ca",
+    "server_certificate",
     "ApiDeps",
     "CompileStatus",
     "ControlPlane",
@@ -93,6 +101,12 @@ __all__ = [
 _WHERE: dict[str, str] = {
     "RELEASE_HISTORY": "starmesh.reconciler.ledger",
     "ApiDeps": "starmesh.reconciler.api",
+    "CAError": "starmesh.reconciler.errors",
+    "MeshCA": "starmesh.reconciler.ca",
+    "init_ca": "starmesh.reconciler.ca",
+    "issue_svid": "starmesh.reconciler.ca",
+    "load_ca": "starmesh.reconciler.ca",
+    "server_certificate": "starmesh.reconciler.ca",
     "CompileStatus": "starmesh.reconciler.model",
     "ControlPlane": "starmesh.reconciler.service",
     "ControlPlaneConfig": "starmesh.reconciler.service",
