@@ -15,7 +15,6 @@ from starmesh.cli.options import make_state_dir
 
 __all__ = ["control_plane_command", "parse_ttl"]
 
-SECURITY_LATER = "comes with the security issue (5); without it the control plane serves plain HTTP"
 HA_LATER = "comes with the high-availability issue (9); until then state lives in --state-dir"
 
 _TTL = re.compile(r"^([0-9]{1,9})(s|m|h|d)$")
@@ -75,6 +74,41 @@ def _check_key(key: Path) -> None:
         raise InputError(f"--key: {exc}") from exc
 
 
+def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str | None) -> timedelta:
+    """`--ca`, `--join-token` and `--cert-lifetime` checked; the certificates' lifetime."""
+    from starmesh.reconciler.certificates import DEFAULT_CERT_LIFETIME, check_join_token
+
+    if ca is None and join_token is None:
+        if cert_lifetime is not None:
+            raise InputError("--cert-lifetime needs --ca DIR and --join-token (it is the lifetime of the certificates the CA issues)")
+        return DEFAULT_CERT_LIFETIME
+    if join_token is None:
+        raise InputError("--ca needs --join-token TOKEN: proxies present the token to get their first certificate")
+    if ca is None:
+        raise InputError(
+            "--join-token needs --ca DIR: the mesh CA that issues certificates (create one with "
+            "`starmesh ca init --trust-domain TD --out DIR`)"
+        )
+    from starmesh.reconciler.ca import load_ca
+    from starmesh.reconciler.errors import CAError
+
+    try:
+        check_join_token(join_token)
+    except ValueError as exc:
+        raise InputError(f"--join-token {exc}") from None
+    lifetime = DEFAULT_CERT_LIFETIME
+    if cert_lifetime is not None:
+        try:
+            lifetime = parse_ttl(cert_lifetime)
+        except ValueError as exc:
+            raise InputError(f"--cert-lifetime: {exc}") from None
+    try:
+        load_ca(ca)
+    except CAError as exc:
+        raise InputError(f"--ca: {exc}") from exc
+    return lifetime
+
+
 @click.command("control-plane")
 @click.option("--repo", required=True, metavar="PATH_OR_URL", help="The policy repository: a local path or a Git URL.")
 @click.option("--branch", default="main", show_default=True, metavar="NAME", help="The branch to follow.")
@@ -117,8 +151,24 @@ def _check_key(key: Path) -> None:
     metavar="DURATION",
     help="How long a release is valid (7d, 12h, 30m, 90s); re-issued at half life.",
 )
-@click.option("--ca", metavar="DIR", help="Serve HTTPS with a mesh CA certificate (security issue 5).")
-@click.option("--join-token", metavar="TOKEN", help="The mesh's join token (security issue 5).")
+@click.option(
+    "--ca",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="The mesh CA (ca.crt, ca.key from `starmesh ca init`): serve HTTPS with a certificate "
+    "from it and issue proxies their certificates. Needs --join-token.",
+)
+@click.option(
+    "--join-token",
+    metavar="TOKEN",
+    help="The mesh's join token (at least 16 characters): a proxy presents it to get its first "
+    "certificate. Needs --ca.",
+)
+@click.option(
+    "--cert-lifetime",
+    metavar="DURATION",
+    help="How long a proxy certificate is valid (24h, 90m, 7d); proxies renew at half life [default: 24h]. Needs --ca.",
+)
 @click.option("--store", metavar="etcd://HOST:PORT,...", help="Keep state in etcd (high-availability issue 9).")
 def control_plane_command(
     repo: str,
@@ -131,8 +181,9 @@ def control_plane_command(
     poll_interval: float | None,
     proxy_ttl: float,
     release_ttl: str,
-    ca: str | None,
+    ca: Path | None,
     join_token: str | None,
+    cert_lifetime: str | None,
     store: str | None,
 ) -> None:
     """Follow BRANCH of a policy repository and serve signed releases to proxies.
@@ -153,6 +204,13 @@ def control_plane_command(
       listening 127.0.0.1:8080
       ready release 1 sha256:...        (or `not ready: <why>`, then `ready ...` later)
 
+    With --ca DIR and --join-token TOKEN the API is HTTPS, with a server certificate
+    from the mesh CA for the --listen host (proxies and `starmesh status` trust
+    DIR/ca.crt via --ca-cert); proxies get their certificates from POST
+    /v1/certificates with the join token and renew them with their own certificate,
+    and the proxy routes refuse callers without one. /healthz, /readyz, /v1/status and
+    /v1/rollback stay open: keep --listen on loopback or a trusted network.
+
     SIGTERM or SIGINT: stop and exit 0.
 
     \b
@@ -160,11 +218,12 @@ def control_plane_command(
       starmesh keygen --out keys
       starmesh control-plane --repo . --branch main --key keys/signing.key \\
         --state-dir .starmesh/control-plane --listen 127.0.0.1:8080
+
+    \b
+    With mesh identity (HTTPS, proxy certificates):
+      starmesh ca init --trust-domain cluster.local --out ca
+      starmesh control-plane ... --ca ca --join-token "$(cat join-token)"
     """
-    if ca is not None:
-        raise InputError(f"--ca {SECURITY_LATER}")
-    if join_token is not None:
-        raise InputError(f"--join-token {SECURITY_LATER}")
     if store is not None:
         raise InputError(f"--store {HA_LATER}")
     from starmesh.reconciler.watch import check_branch
@@ -186,6 +245,7 @@ def control_plane_command(
     if not entry.strip():
         raise InputError("--entry must not be empty")
     _relative("--entry", entry)
+    lifetime = _check_identity(ca, join_token, cert_lifetime)
     _check_repo(repo)
     _check_key(key)
     make_state_dir(state_dir)
@@ -205,5 +265,8 @@ def control_plane_command(
         poll_interval=poll_interval,
         proxy_ttl=proxy_ttl,
         release_ttl=ttl,
+        ca=ca,
+        join_token=join_token,
+        cert_lifetime=lifetime,
     )
     sys.exit(run_control_plane(config))

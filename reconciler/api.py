@@ -10,12 +10,19 @@
     GET  /v1/status                           release, last compile, every proxy, the rollout
     POST /v1/rollback                         {"to": "sha256:<hex>"} ─► {"release": {...}}
     GET  /healthz, /readyz                    the control plane's own health
+    POST /v1/certificates                     with mesh identity only: {service, csr} ─► {certificate,
+                                              ca, expires_at} (join token or the caller's own SVID)
 
 Long-polls hold for `wait` seconds (default 30, at most 300) and answer 204 when nothing
 newer came; at most `max_long_polls` are held at once (past it: 503 with Retry-After).
 A proxy that NACKed the release it is offered gets it again only after the rollout's
 NACK backoff (`Rollout.nack_hold`): until then its long-poll holds, or answers 204.
 Every long-poll ends when the app shuts down, so SIGTERM never waits out a hold.
+
+With mesh identity (`make_app(..., identity=)`, served over TLS) the proxy routes
+(release, bundles, endpoints, proxies) need a valid client SVID (401 otherwise), and a
+proxy registers and reports only as its certificate's service (403); /healthz, /readyz,
+/v1/status and /v1/rollback stay open to operators. certificates.py has the checks.
 
 Request bodies are JSON checked with msgspec; bodies over 64 KiB are 413. Every refusal
 is a 4xx (or 503) with `{"error": "..."}` that says what is wrong and what to do.
@@ -36,6 +43,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from starmesh.bundle.canonical import is_digest
+from starmesh.reconciler.certificates import MeshIdentity, caller_mismatch, issue_route, require_svid
 from starmesh.reconciler.errors import InvalidRegistration, RegistryFull, StoreError, UnknownBundle
 from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.model import CompileStatus
@@ -125,8 +133,12 @@ class _LongPolls:
         return task.result() if not task.cancelled() else None
 
 
-def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Application:
-    """The API as an aiohttp application (serve it with AppRunner/TCPSite)."""
+def make_app(
+    deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS, identity: MeshIdentity | None = None
+) -> web.Application:
+    """The API as an aiohttp application (serve it with AppRunner/TCPSite; with `identity`,
+    over TLS with `certificates.ServerTLS`'s context, since the proxy routes read the
+    caller's client certificate)."""
     ledger, registry, rollout = deps.ledger, deps.registry, deps.rollout
     polls = _LongPolls(max_long_polls)
     bundle_bytes = functools.lru_cache(maxsize=_BUNDLE_CACHE)(ledger.bundle)
@@ -183,6 +195,7 @@ def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Appl
     async def heartbeat(request: web.Request) -> web.Response:
         proxy_id = _check_id(request.match_info["proxy_id"])
         beat = await _body(request, _Heartbeat, "heartbeat")
+        _check_caller(request, registry, proxy_id, beat.service)
         try:
             registry.heartbeat(
                 proxy_id, beat.service, beat.version, beat.address,
@@ -197,6 +210,7 @@ def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Appl
     async def report(request: web.Request) -> web.Response:
         proxy_id = _check_id(request.match_info["proxy_id"])
         sent = await _body(request, _Report, "status report")
+        _check_caller(request, registry, proxy_id, None)
         try:
             registry.report(proxy_id, sent.version, sent.bundle, sent.error)
         except InvalidRegistration as exc:
@@ -249,12 +263,15 @@ def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Appl
     async def closing(_: web.Application) -> None:
         polls.closing.set()
 
+    # The proxies' routes: with mesh identity, only for callers with a valid client SVID.
+    proxies_only = _unguarded if identity is None else require_svid(identity)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
-    app.router.add_get("/v1/release", release)
-    app.router.add_get("/v1/bundles/{digest}", bundle)
-    app.router.add_get("/v1/endpoints", endpoints)
-    app.router.add_post("/v1/proxies/{proxy_id}", heartbeat)
-    app.router.add_post("/v1/proxies/{proxy_id}/status", report)
+    app.router.add_get("/v1/release", proxies_only(release))
+    app.router.add_get("/v1/bundles/{digest}", proxies_only(bundle))
+    app.router.add_get("/v1/endpoints", proxies_only(endpoints))
+    app.router.add_post("/v1/proxies/{proxy_id}", proxies_only(heartbeat))
+    app.router.add_post("/v1/proxies/{proxy_id}/status", proxies_only(report))
+    app.router.add_post("/v1/certificates", _no_certificates if identity is None else issue_route(identity))
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/rollback", rollback)
     app.router.add_get("/healthz", healthz)
@@ -262,6 +279,21 @@ def make_app(deps: ApiDeps, *, max_long_polls: int = MAX_LONG_POLLS) -> web.Appl
     app.cleanup_ctx.append(sweeper)
     app.on_shutdown.append(closing)
     return app
+
+
+def _unguarded(handler: Handler) -> Handler:
+    return handler
+
+
+async def _no_certificates(_: web.Request) -> web.Response:
+    raise _Problem(404, "this control plane issues no certificates: it runs without --ca (plain HTTP, no mesh identity)")
+
+
+def _check_caller(request: web.Request, registry: Registry, proxy_id: str, service: str | None) -> None:
+    entry = registry.get(proxy_id)
+    why = caller_mismatch(request, proxy_id, claimed=service, registered=None if entry is None else entry.service)
+    if why is not None:
+        raise _Problem(403, why)
 
 
 async def _sweep(registry: Registry) -> None:

@@ -8,6 +8,8 @@
     Rollout             which release each proxy gets
     Reconciler ◄─poke── RepoWatcher (watchdog / fetch poll)
     api.make_app ─────► AppRunner/TCPSite on --listen
+    --ca DIR            load_ca ─► MeshIdentity (join token, --cert-lifetime) for the API,
+                        ServerTLS: HTTPS with a mesh-CA server certificate, renewed at half life
 
 What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
 
@@ -15,8 +17,9 @@ What it prints on stdout, one line each, flushed (tests and `starmesh up` read i
     ready release 3 sha256:<hex>               after the first reconcile pass, or
     not ready: <why>                           then `ready ...` once a release exists
 
-It is ready (`/readyz` 200) once it can serve a release, compiled now or loaded from the
-store. Logs go to stderr. SIGTERM or SIGINT stop the watcher, the loop, the long-polls
+Without `--ca` the API is plain HTTP; with it, HTTPS (certificates.py), and a log line
+says so. It is ready (`/readyz` 200) once it can serve a release, compiled now or loaded
+from the store. Logs go to stderr. SIGTERM or SIGINT stop the watcher, the loop, the long-polls
 (cut after `shutdown_timeout`) and the listener, and the process exits 0.
 """
 
@@ -27,7 +30,7 @@ import contextlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
@@ -38,6 +41,14 @@ from starmesh.bundle.errors import BundleError
 from starmesh.bundle.keys import PrivateKey, load_private_key
 from starmesh.bundle.release import DEFAULT_TTL
 from starmesh.reconciler.api import ApiDeps, make_app
+from starmesh.reconciler.ca import load_ca
+from starmesh.reconciler.certificates import (
+    DEFAULT_CERT_LIFETIME,
+    MeshIdentity,
+    ServerTLS,
+    check_join_token,
+    server_hosts,
+)
 from starmesh.reconciler.errors import ReconcilerError, StoreError
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
@@ -67,6 +78,9 @@ class ControlPlaneConfig:
     poll_interval: float | None = None  # None: 10 s for a local repo, 15 s for a URL
     proxy_ttl: float = 30.0
     release_ttl: timedelta = DEFAULT_TTL
+    ca: Path | None = None  # the mesh CA directory: HTTPS and certificates (with join_token)
+    join_token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs
+    cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME
     tick_interval: float = 1.0
     shutdown_timeout: float = 1.0  # seconds in-flight requests (long-polls) get at stop
 
@@ -77,6 +91,7 @@ class ControlPlane:
     def __init__(self, config: ControlPlaneConfig, *, out: TextIO = sys.stdout, key: PrivateKey | None = None) -> None:
         self.config = config
         self.out = out
+        self.identity = _mesh_identity(config)  # first: a bad --ca or token touches no state
         self.ledger = Ledger(FileStore(config.state_dir / "store"))
         self.issuer = Issuer(self.ledger, key if key is not None else load_private_key(config.key), ttl=config.release_ttl)
         # The endpoint warm-up protects proxies from a restarted control plane's half-filled
@@ -97,10 +112,12 @@ class ControlPlane:
             tick_interval=config.tick_interval,
         )
         self.watcher = RepoWatcher(self.source, self.reconciler.poke, poll_interval=config.poll_interval)
+        self.tls: ServerTLS | None = None
         self.stopping = asyncio.Event()
         self.address: str | None = None
         self._runner: web.AppRunner | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
         self._said_status = False
         self._said_ready = False
 
@@ -150,17 +167,32 @@ class ControlPlane:
             ready=self.not_ready_reason,
             extra_status=lambda: {"reconciler": self.reconciler.to_json()},
         )
-        runner = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=self.config.shutdown_timeout)
+        app = make_app(deps, identity=self.identity)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_timeout)
         await runner.setup()
         self._runner = runner
         host, port = _split(self.config.listen)
+        if self.identity is not None:
+            self.tls = ServerTLS(self.identity.ca, server_hosts(host))
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=None if self.tls is None else self.tls.context).start()
         except OSError as exc:
             raise ReconcilerError(f"--listen {self.config.listen}: cannot listen: {exc.strerror or exc}") from exc
         bound_host, bound_port = runner.addresses[0][:2]
         self.address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
         self._say(f"listening {self.address}")
+        if self.tls is not None and self.identity is not None:
+            log.info(
+                "serving https://%s with a certificate from the mesh CA (trust domain %s) for %s; proxy routes need "
+                "a client certificate, proxies join with the join token; their certificates last %ds",
+                self.address, self.identity.ca.trust_domain, ", ".join(self.tls.hosts),
+                self.identity.cert_lifetime.total_seconds(),
+            )  # fmt: skip
+            self._renew_task = asyncio.get_running_loop().create_task(
+                self.tls.renew_forever(), name="starmesh-server-certificate"
+            )
+        else:
+            log.info("serving plain http://%s (no --ca: no TLS, no mesh certificates)", self.address)
         log.info("following %s branch %s; state in %s", self.config.repo, self.config.branch, self.config.state_dir)
         self._loop_task = asyncio.get_running_loop().create_task(
             self.reconciler.run(self.stopping), name="starmesh-reconcile"
@@ -172,6 +204,11 @@ class ControlPlane:
         self.stopping.set()
         self.source.close()
         await self.watcher.stop()
+        renewing, self._renew_task = self._renew_task, None
+        if renewing is not None:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
         task, self._loop_task = self._loop_task, None
         if task is not None:
             # The loop sees `stopping` at once unless a compile is running in its thread.
@@ -203,6 +240,20 @@ class ControlPlane:
         await self.stop()
         log.info("stopped")
         return 0
+
+
+def _mesh_identity(config: ControlPlaneConfig) -> MeshIdentity | None:
+    """The mesh CA, join token and certificate lifetime, when `--ca` is given (CAError,
+    ReconcilerError otherwise, saying what is wrong)."""
+    if config.ca is None and config.join_token is None:
+        return None
+    if config.ca is None or config.join_token is None:
+        raise ReconcilerError("--ca and --join-token go together: the CA issues certificates to proxies holding the token")
+    try:
+        token = check_join_token(config.join_token)
+    except ValueError as exc:
+        raise ReconcilerError(f"--join-token {exc}") from None
+    return MeshIdentity(ca=load_ca(config.ca), join_token=token, cert_lifetime=config.cert_lifetime)
 
 
 def _split(address: str) -> tuple[str, int]:

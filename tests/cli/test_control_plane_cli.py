@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,17 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from starmesh.bundle.keys import generate_keypair
 from starmesh.cli.control_plane import parse_ttl
 from starmesh.cli.main import main
 
 DEADLINE = 30.0
+TOKEN = "join-token-0123456789abcdef"
 
 POLICY = """\
 mesh(name = "shop", mtls = "disable")
@@ -58,8 +66,9 @@ def base(repo: Path, key: Path, state: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--ca", "ca"], "--ca comes with the security issue (5)"),
-        (["--join-token", "t"], "--join-token comes with the security issue (5)"),
+        (["--ca", "ca"], "--ca needs --join-token TOKEN"),
+        (["--join-token", "t" * 16], "--join-token needs --ca DIR"),
+        (["--cert-lifetime", "1h"], "--cert-lifetime needs --ca DIR and --join-token"),
         (["--store", "etcd://127.0.0.1:2379"], "--store comes with the high-availability issue (9)"),
         (["--listen", "localhost"], "--listen: 'localhost' is not HOST:PORT"),
         (["--listen", "127.0.0.1:99999"], "--listen: '127.0.0.1:99999': port 99999"),
@@ -116,11 +125,48 @@ def test_a_state_dir_that_cannot_be_created_exits_2(tmp_path: Path, repo: Path, 
     assert result.stderr.startswith(f"starmesh: error: --state-dir {blocker / 'state'}: cannot create it")
 
 
+@pytest.fixture
+def ca(tmp_path: Path) -> Path:
+    from starmesh.reconciler.ca import init_ca
+
+    init_ca("cluster.local", tmp_path / "ca")
+    return tmp_path / "ca"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--join-token", "short"], "--join-token is 5 characters; give at least 16"),
+        (["--join-token", "has spaces in the token"], "--join-token must be visible ASCII without spaces"),
+        (["--join-token", TOKEN, "--cert-lifetime", "forever"], "--cert-lifetime: 'forever' is not a duration"),
+        (["--join-token", TOKEN, "--cert-lifetime", "1s"], "--cert-lifetime: '1s' is outside 10s..365d"),
+    ],
+)
+def test_bad_identity_options_exit_2_saying_why(
+    tmp_path: Path, repo: Path, key: Path, ca: Path, extra: list[str], message: str
+) -> None:
+    result = invoke(*base(repo, key, tmp_path / "state"), "--ca", str(ca), *extra)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"starmesh: error: {message}"), result.stderr
+
+
+def test_a_ca_dir_that_does_not_load_exits_2_with_the_reason(tmp_path: Path, repo: Path, key: Path, ca: Path) -> None:
+    missing = invoke(*base(repo, key, tmp_path / "state"), "--ca", str(tmp_path / "nowhere"), "--join-token", TOKEN)
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith(f"starmesh: error: --ca: {tmp_path / 'nowhere' / 'ca.crt'}: no such file")
+    assert "starmesh ca init" in missing.stderr
+    (ca / "ca.key").write_text("not a key\n")
+    broken = invoke(*base(repo, key, tmp_path / "state"), "--ca", str(ca), "--join-token", TOKEN)
+    assert broken.exit_code == 2
+    assert f"--ca: {ca / 'ca.key'}: not a PEM PKCS#8 private key" in broken.stderr
+
+
 def test_help_names_every_option_and_shows_an_example() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
     for option in ("--repo", "--branch", "--key", "--state-dir", "--listen", "--subdir", "--entry",
-                   "--poll-interval", "--proxy-ttl", "--release-ttl", "--ca", "--join-token", "--store"):
+                   "--poll-interval", "--proxy-ttl", "--release-ttl", "--ca", "--join-token", "--cert-lifetime",
+                   "--store"):
         assert option in result.stdout
     assert "Example:" in result.stdout and "starmesh control-plane --repo" in result.stdout
 
@@ -167,4 +213,68 @@ def test_the_process_says_not_ready_and_stops_on_sigint(
     assert listening.startswith("listening ")
     assert status.startswith("not ready: no release yet: commit ")
     cp.process.send_signal(signal.SIGINT)
+    assert cp.process.popen.wait(DEADLINE) == 0
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """`curl ARGS` (a real outside client, never through a proxy): the HTTP status and the body."""
+    done = subprocess.run(
+        ["curl", "-sS", "--noproxy", "*", "--max-time", str(DEADLINE), "-w", "\n%{http_code}", *args],
+        capture_output=True, text=True, timeout=DEADLINE + 10,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    body, _, code = done.stdout.rpartition("\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (CI installs it)")
+def test_the_process_with_a_ca_serves_https_and_issues_certificates(
+    tmp_path: Path, repo: Path, key: Path, ca: Path, control_planes: Any, h: Any
+) -> None:
+    h.commit(repo, POLICY.format(to="v1"))
+    args = base(repo, key, tmp_path / "state") + ["--ca", str(ca), "--join-token", TOKEN, "--cert-lifetime", "2h"]
+    cp = control_planes.start(args, log=tmp_path / "cp.log")
+    listening, ready = cp.first_lines(2)
+    assert listening.startswith("listening 127.0.0.1:") and ready.startswith("ready release 1 "), ready
+    url = "https://" + listening.removeprefix("listening ")
+    trust = ["--cacert", str(ca / "ca.crt")]
+    assert curl(*trust, url + "/readyz") == (200, "ready\n")
+    assert "https://" in (tmp_path / "cp.log").read_text()
+
+    # A proxy's first certificate, asked for with the join token, then used as its client certificate.
+    workload_key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api")]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://cluster.local/service/api")]),
+            critical=False,
+        )
+        .sign(workload_key, hashes.SHA256())
+    )
+    request = json.dumps({"service": "api", "csr": csr.public_bytes(serialization.Encoding.PEM).decode()})
+    post = [*trust, "-H", "content-type: application/json", "--data-binary", request, url + "/v1/certificates"]
+    code, refused = curl(*post)
+    assert code == 401 and "join token" in json.loads(refused)["error"]
+    code, issued = curl("-H", f"authorization: Bearer {TOKEN}", *post)
+    assert code == 200, issued
+    certificate = x509.load_pem_x509_certificate(json.loads(issued)["certificate"].encode())
+    assert certificate.not_valid_after_utc - certificate.not_valid_before_utc == timedelta(hours=2, minutes=1)
+    (tmp_path / "workload.crt").write_text(json.loads(issued)["certificate"])
+    (tmp_path / "workload.key").write_bytes(
+        workload_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    client = ["--cert", str(tmp_path / "workload.crt"), "--key", str(tmp_path / "workload.key")]
+    code, body = curl(*trust, url + "/v1/release?after=0&wait=0")
+    assert code == 401 and "no client certificate was presented" in json.loads(body)["error"]
+    code, body = curl(*trust, *client, url + "/v1/release?after=0&wait=0")
+    assert code == 200 and json.loads(body)["payloadType"] == "application/vnd.starmesh.release+json"
+    beat = json.dumps({"service": "api", "version": "v1", "address": "127.0.0.1:9081"})
+    code, body = curl(*trust, *client, "-H", "content-type: application/json", "--data-binary", beat, url + "/v1/proxies/api-1")
+    assert code == 200, body
+    status = CliRunner().invoke(main, ["status", "--control-plane", url, "--ca-cert", str(ca / "ca.crt"), "--format", "json"])
+    assert status.exit_code == 0, status.output
+    assert [p["id"] for p in json.loads(status.stdout)["proxies"]] == ["api-1"]
+
+    cp.process.send_signal(signal.SIGTERM)
     assert cp.process.popen.wait(DEADLINE) == 0

@@ -2,7 +2,9 @@
 
     commit ──watchdog──► Reconciler ──► Ledger/Rollout ──► api on 127.0.0.1:0 ◄── aiohttp client
 
-The process form (signals, exit codes, the CLI) is tested in
+With `ca=` and `join_token=` the API is HTTPS with a mesh-CA certificate (the issuing and
+client-certificate checks are in test_certificates.py). The process form (signals, exit
+codes, the CLI) is tested in
 tests/cli/test_control_plane_cli.py. Waits poll with a deadline; nothing asserts on time.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
 
 from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, verify_envelope
 from starmesh.bundle.release import decode_release
+from starmesh.reconciler.ca import init_ca
 from starmesh.reconciler.errors import ReconcilerError
 from starmesh.reconciler.service import ControlPlane, ControlPlaneConfig
 
@@ -178,3 +184,57 @@ def test_a_busy_listen_address_is_an_error(tmp_path: Path, setup: tuple[Path, An
             await taken.stop()
 
     h.run(main)
+
+
+# -- mesh identity: --ca and --join-token ----------------------------------------------------
+
+TOKEN = "join-token-0123456789abcdef"
+
+
+def test_with_a_ca_it_serves_https_with_a_mesh_certificate(tmp_path: Path, setup: tuple[Path, Any], h: Any) -> None:
+    repo, keys = setup
+    h.commit(repo, {"mesh.star": h.policy("v1")})
+    init_ca("cluster.local", tmp_path / "ca")
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))  # hostname checked too
+
+    async def main() -> None:
+        cfg = config(tmp_path, str(repo), keys, poll_interval=3600, ca=tmp_path / "ca", join_token=TOKEN)
+        async with running(cfg) as cp:
+            await h.until(lambda: len(cp.lines()) >= 2, "the ready line")
+            assert cp.lines()[0] == f"listening {cp.plane.address}"
+            async with cp.http.get(f"https://{cp.plane.address}/readyz", ssl=trusting) as response:
+                assert response.status == 200 and await response.text() == "ready\n"
+            host, _, port = str(cp.plane.address).rpartition(":")
+            pem = await asyncio.to_thread(ssl.get_server_certificate, (host, int(port)))
+            names = x509.load_pem_x509_certificate(pem.encode()).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+            assert ipaddress.ip_address("127.0.0.1") in names.value.get_values_for_type(x509.IPAddress)
+            assert names.value.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://cluster.local/control-plane"]
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
+                await cp.get("/readyz")
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # nor trusted without ca.crt
+                async with cp.http.get(f"https://{cp.plane.address}/readyz", ssl=ssl.create_default_context()):
+                    pass
+
+    h.run(main)
+
+
+@pytest.mark.parametrize(
+    ("identity", "message"),
+    [
+        ({"ca": "ca"}, "--ca and --join-token go together"),
+        ({"join_token": TOKEN}, "--ca and --join-token go together"),
+        ({"ca": "ca", "join_token": "short"}, "--join-token is 5 characters; give at least 16"),
+        ({"ca": "nowhere", "join_token": TOKEN}, "ca.crt: no such file; create one with `starmesh ca init"),
+    ],
+)
+def test_mesh_identity_settings_are_checked(
+    tmp_path: Path, setup: tuple[Path, Any], identity: dict[str, str], message: str
+) -> None:
+    repo, keys = setup
+    init_ca("cluster.local", tmp_path / "ca")
+    settings: dict[str, Any] = {k: tmp_path / v if k == "ca" else v for k, v in identity.items()}
+    with pytest.raises(ReconcilerError) as refused:
+        ControlPlane(config(tmp_path, str(repo), keys, **settings), out=io.StringIO())
+    assert message in str(refused.value)
