@@ -29,6 +29,7 @@ from starmesh.bundle.lazy import lazy_exports
 if TYPE_CHECKING:
     from starmesh.reconciler.api import ApiDeps, make_app
     from starmesh.reconciler.ca import MeshCA, init_ca, issue_svid, load_ca, server_certificate
+    from starmesh.reconciler.certificates import MeshIdentity, ServerTLS
     from starmesh.reconciler.errors import (
         CAError,
         InvalidRegistration,
@@ -62,6 +63,8 @@ __all__ = [
     "RELEASE_HISTORY",
     "CAError",
     "MeshCA",
+    "MeshIdentity",
+    "ServerTLS",
     "init_ca",
     "issue_svid",
     "load_ca",
@@ -103,6 +106,8 @@ _WHERE: dict[str, str] = {
     "ApiDeps": "starmesh.reconciler.api",
     "CAError": "starmesh.reconciler.errors",
     "MeshCA": "starmesh.reconciler.ca",
+    "MeshIdentity": "starmesh.reconciler.certificates",
+    "ServerTLS": "starmesh.reconciler.certificates",
     "init_ca": "starmesh.reconciler.ca",
     "issue_svid": "starmesh.reconciler.ca",
     "load_ca": "starmesh.reconciler.ca",
