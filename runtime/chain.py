@@ -14,18 +14,32 @@ fewer per request); each concern's logic stays in its own module.
 
 State that must outlive a route table (breaker slots, ejections, buckets, budgets,
 mirror slots) comes from `deps.state`, so an apply keeps it.
+
+Origination. With a workload identity (`deps.mtls`, an `OutboundMTLS`), a destination
+whose effective mode is strict or permissive gets, once per route, the pool that
+originates mTLS to it (`UpstreamPool.originating`, keyed by the SPIFFE ID it expects)
+and checks after each handshake that the server's SVID names it, else the connect
+fails as `upstream-unavailable`; its load balancer and mirror send through that pool:
+
+    strict      every endpoint over mTLS
+    permissive  endpoints registered by proxies over mTLS, static `endpoints=` in plaintext
+    disable     `deps.pool` as is (also without a workload identity)
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from starmesh.bundle.errors import IdentityError
+from starmesh.bundle.identity import spiffe_id
 from starmesh.bundle.routes import PreparedRule, PreparedService
+from starmesh.bundle.spec import MtlsMode
 from starmesh.runtime.filters.authorization import authorization_filter
 from starmesh.runtime.filters.balancer import EndpointSource, balancer
 from starmesh.runtime.filters.circuit_breaker import DEFAULT_BREAKER, circuit_breaker_filter
@@ -39,11 +53,14 @@ from starmesh.runtime.filters.telemetry import telemetry_filter
 from starmesh.runtime.filters.timeout import RouteTimeout, timeout_filter
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.upstream import Pool, app_handler, mapped_send
-from starmesh.runtime.message import Filter, Handler
+from starmesh.runtime.http.client import UpstreamPool
+from starmesh.runtime.http.errors import UpstreamError
+from starmesh.runtime.message import Filter, Handler, Request, Response
 from starmesh.runtime.state import StateSource
 from starmesh.runtime.telemetry import Recorder
+from starmesh.runtime.tls import MeshTLS
 
-__all__ = ["ChainDeps", "EndpointSource", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
+__all__ = ["ChainDeps", "EndpointSource", "OutboundMTLS", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
 
 
 class ProxyPool(Pool, Protocol):
@@ -52,6 +69,72 @@ class ProxyPool(Pool, Protocol):
     def retain(self, endpoints: frozenset[str]) -> None:
         """Close the pools of endpoints not in `endpoints`."""
         ...
+
+
+# -- origination: which pool a destination's routes send through -------------------------------
+
+
+class _PermissivePool:
+    """A destination under `permissive`: TLS to endpoints registered by proxies, plaintext to static ones."""
+
+    __slots__ = ("_plain", "_tls", "_service", "_endpoints", "_seen", "_mesh", "active")
+
+    def __init__(self, plain: UpstreamPool, tls: UpstreamPool, service: str, endpoints: Endpoints) -> None:
+        self._plain = plain
+        self._tls = tls
+        self._service = service
+        self._endpoints = endpoints
+        self._seen: object = None
+        self._mesh: frozenset[str] = frozenset()
+        self.active = plain.active  # in-flight counts are shared with the TLS pool
+
+    def send(self, endpoint: str, request: Request, *, host: str | None = None) -> Coroutine[Any, Any, Response]:
+        registered = self._endpoints.registered
+        if registered is not self._seen:  # the table was replaced (one identity check otherwise)
+            versions = registered.get(self._service, {})
+            self._mesh = frozenset(a for addresses in versions.values() for a in addresses)
+            self._seen = registered
+        pool = self._tls if endpoint in self._mesh else self._plain
+        return pool.send(endpoint, request, host=host)
+
+
+class OutboundMTLS:
+    """Origination for the calling side: the pool a destination service's chain sends through."""
+
+    def __init__(self, pool: UpstreamPool, mesh: MeshTLS, endpoints: Endpoints) -> None:
+        self.pool = pool
+        self.mesh = mesh
+        self.endpoints = endpoints
+
+    def pool_for(self, service: str, mode: MtlsMode, trust_domain: str) -> Pool:
+        """`pool` itself under `disable`; else a pool originating TLS that expects `service`'s SVID."""
+        if mode == "disable":
+            return self.pool
+        expected = spiffe_id(trust_domain, service)
+        mesh = self.mesh
+
+        def verify(endpoint: str, transport: asyncio.BaseTransport) -> None:
+            try:
+                named = mesh.peer_service(transport, trust_domain, "server")
+            except IdentityError as exc:
+                raise UpstreamError("upstream-unavailable", f"{endpoint}: not a valid SVID for {service}: {exc}",
+                                    sent=False) from exc
+            if named != service:
+                raise UpstreamError(
+                    "upstream-unavailable",
+                    f"{endpoint} presented the identity of service {named!r}, not {expected}: connection closed",
+                    sent=False,
+                )
+
+        def context() -> ssl.SSLContext:
+            try:
+                return mesh.contexts.client_context()
+            except Exception as exc:  # noqa: BLE001 - no certificate yet: this connect fails, not the proxy
+                raise UpstreamError("upstream-unavailable", f"no workload certificate to call {service} with mTLS: {exc}",
+                                    sent=False) from exc
+
+        tls = self.pool.originating(expected, context, verify)
+        return tls if mode == "strict" else _PermissivePool(self.pool, tls, service, self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -64,7 +147,9 @@ class ChainDeps:
     `local_service`/`local_version` label telemetry (the source on the calling side,
     the destination on the receiving side). `rng`, `clock` (seconds, for outlier
     ejections, rate-limit refill and durations) and `sleep` (backoff, fault delays)
-    are injectable so tests are deterministic; deadlines use the event loop's time."""
+    are injectable so tests are deterministic; deadlines use the event loop's time.
+    `mtls` originates mTLS (None: no workload identity, plaintext); `trust_domain` is
+    the applied bundle's (RouteTable.build sets it), the one peers' SVIDs must name."""
 
     pool: ProxyPool
     endpoints: Endpoints
@@ -75,6 +160,8 @@ class ChainDeps:
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    mtls: OutboundMTLS | None = None
+    trust_domain: str = "cluster.local"
 
 
 def _assemble(layers: list[Filter | None], terminal: Handler) -> Handler:
@@ -96,14 +183,16 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
     # With retries, the retry filter runs the route's timeout itself (one layer fewer).
     fused_timeout = RouteTimeout(rule.timeout_ms) if retries is not None and rule.timeout_ms is not None else None
     breaker = deps.state.breaker(name, spec.circuit_breaker or DEFAULT_BREAKER)
+    # Plaintext, or mTLS originated to this service (chosen once, here, never per request).
+    pool = deps.pool if deps.mtls is None else deps.mtls.pool_for(name, service.mtls, deps.trust_domain)
     # The upstream call: raw when the retry filter maps errors itself, mapped otherwise.
-    send = deps.pool.send if retries is not None else mapped_send(deps.pool)
+    send = pool.send if retries is not None else mapped_send(pool)
     # Load balancing over the picked version's endpoints, outlier ejection feeding back.
     terminal = balancer(
         name,
         spec.load_balancer,
         endpoints=deps.endpoints,
-        pool=deps.pool,
+        pool=pool,
         send=send,
         outliers=outliers,
         clock=deps.clock,
@@ -131,7 +220,7 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
             rule.mirror,
             rule.timeout_ms,
             endpoints=deps.endpoints,
-            pool=deps.pool,
+            pool=pool,
             slots=deps.state.mirrors,
             recorder=deps.recorder,
             rng=deps.rng,

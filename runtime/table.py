@@ -12,11 +12,16 @@ reference once and uses only it, so an apply never shows it half of two configs.
 
 State that outlives a table (connection pools, breakers, outlier ejections, rate
 buckets, the endpoint table) lives in `deps`, outside it.
+
+`inbound_policy` is what the inbound listener enforces while the table is live (the
+local service's effective mtls mode and the mesh's trust domain): a mesh listener reads
+it for each new connection (runtime/tls.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 
 from starmesh.bundle.canonical import Bundle
@@ -26,6 +31,7 @@ from starmesh.bundle.gcpause import paused_gc
 from starmesh.runtime.chain import ChainDeps, build_inbound, build_outbound
 from starmesh.runtime.errors import ConfigRejected
 from starmesh.runtime.message import Handler, Headers, Request, Response, proxy_response
+from starmesh.runtime.tls import InboundPolicy
 
 __all__ = ["RouteTable", "routing_headers"]
 
@@ -54,7 +60,7 @@ async def _answer(response: Response) -> Response:
 class RouteTable:
     """An applied bundle's decision table and prebuilt handler chains. Build with `build`."""
 
-    __slots__ = ("bundle", "digest", "decisions", "_route", "_handlers", "_inbound", "_reads_headers")
+    __slots__ = ("bundle", "digest", "decisions", "inbound_policy", "_route", "_handlers", "_inbound", "_reads_headers")
 
     def __init__(
         self,
@@ -63,10 +69,12 @@ class RouteTable:
         decisions: DecisionTable,
         handlers: dict[int, Handler],
         inbound: Handler,
+        inbound_policy: InboundPolicy,
     ) -> None:
         self.bundle = bundle
         self.digest = digest
         self.decisions = decisions
+        self.inbound_policy = inbound_policy
         self._route = decisions.route
         self._handlers = handlers
         self._inbound = inbound
@@ -85,6 +93,9 @@ class RouteTable:
 
         `decisions` may be given when the caller has already built the DecisionTable
         (the runtime's own validation step); `app` is the local app's `host:port`."""
+        mesh = bundle.spec.mesh
+        if isinstance(deps, ChainDeps) and deps.mtls is not None and deps.trust_domain != mesh.trust_domain:
+            deps = replace(deps, trust_domain=mesh.trust_domain)  # the SVIDs peers must present
         try:
             with paused_gc():
                 table = decisions if decisions is not None else DecisionTable.build(bundle.spec)
@@ -105,7 +116,9 @@ class RouteTable:
                     raise ConfigRejected(f"route table: inbound chain for {deps.local_service!r}: {exc}") from exc
         except BundleError as exc:
             raise ConfigRejected(f"route table: {exc}") from exc
-        return cls(bundle, digest, table, handlers, inbound)
+        # The local service's effective mode (service(mtls=) else mesh(mtls=)).
+        policy = InboundPolicy(local.mtls if local is not None else mesh.mtls, mesh.trust_domain)
+        return cls(bundle, digest, table, handlers, inbound, policy)
 
     def outbound(self, request: Request) -> Awaitable[Response]:
         """Route a calling-side request: 404 `no-route` or the winning rule's chain.

@@ -14,12 +14,22 @@ response byte arrived is retried once on a fresh connection, when the body can b
 
 `send` is cancellation-safe: a cancelled exchange closes its connection (never pooled
 again), and the pool holds no task of its own.
+
+TLS origination (mTLS: runtime/chain.py's OutboundMTLS) uses pools of their own, one
+per expected peer identity, made by `originating(key, context, verify)`: connections
+are pooled per (endpoint, identity), apart from plaintext ones; each new connection
+gets the context of the moment (certificate rotation) and `verify(endpoint, transport)`
+right after the handshake, which raises UpstreamError to refuse the peer before
+anything is sent. They share the parent's in-flight counts (`active(endpoint)` counts
+every request to an endpoint), are closed and retained with it, and are held weakly:
+one that no route table uses and that has no connection left goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections.abc import Callable, Collection
 
 from starmesh.runtime.http.body import StreamBody
@@ -28,7 +38,11 @@ from starmesh.runtime.http.errors import UpstreamError
 from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.message import Request, Response
 
-__all__ = ["UpstreamError", "UpstreamPool"]
+__all__ = ["PeerCheck", "UpstreamError", "UpstreamPool"]
+
+PeerCheck = Callable[[str, asyncio.BaseTransport], None]
+"""Called with (endpoint, transport) after a TLS handshake; raises UpstreamError to refuse the peer."""
+
 
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to upstream endpoints ("host:port"), bounded per endpoint."""
@@ -38,13 +52,16 @@ class UpstreamPool:
         limits: HttpLimits = HttpLimits(),
         *,
         ssl_for: Callable[[str], ssl.SSLContext | None] | None = None,
+        verify_peer: PeerCheck | None = None,
     ) -> None:
         self._limits = limits
         self._max_idle = limits.upstream_max_idle_per_endpoint
         self._ssl_for = ssl_for
+        self._verify_peer = verify_peer
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._active: dict[str, int] = {}
         self._connections: set[UpstreamConnection] = set()
+        self._originating: weakref.WeakValueDictionary[str, UpstreamPool] = weakref.WeakValueDictionary()
         self._closed = False
 
     def active(self, endpoint: str) -> int:
@@ -56,8 +73,22 @@ class UpstreamPool:
         return len(self._idle.get(endpoint, ()))
 
     def connections(self) -> int:
-        """Open connections, idle or busy, to all endpoints."""
-        return len(self._connections)
+        """Open connections, idle or busy, to all endpoints (TLS pools' included)."""
+        return len(self._connections) + sum(child.connections() for child in list(self._originating.values()))
+
+    def originating(self, key: str, context: Callable[[], ssl.SSLContext], verify: PeerCheck) -> UpstreamPool:
+        """The pool that originates TLS for peer identity `key` (one per key while it is used).
+
+        `context()` is asked for at each new connection; `verify` checks the peer after
+        the handshake. The pool shares this one's in-flight counts and is closed and
+        retained with it; the caller keeps it alive (the routes that send through it)."""
+        child = self._originating.get(key)
+        if child is None:
+            child = UpstreamPool(self._limits, ssl_for=lambda _endpoint: context(), verify_peer=verify)
+            child._active = self._active
+            child._closed = self._closed
+            self._originating[key] = child
+        return child
 
     async def send(self, endpoint: str, request: Request, *, host: str | None = None) -> Response:
         """Send `request` to `endpoint` and return the response once its head has arrived.
@@ -119,11 +150,15 @@ class UpstreamPool:
                 conn.close()
         for endpoint in [e for e, n in self._active.items() if n <= 0 and e not in keep]:
             del self._active[endpoint]
+        for child in list(self._originating.values()):
+            child.retain(keep)
 
     async def close(self) -> None:
         """Close every connection, idle or busy, and wait until they are closed."""
         self._closed = True
         self._idle.clear()
+        for child in list(self._originating.values()):
+            await child.close()
         conns = list(self._connections)
         for conn in conns:
             conn.usable = False
@@ -143,7 +178,7 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._limits.upstream_connect_timeout):
-                _, conn = await loop.create_connection(
+                transport, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, endpoint, loop),
                     host,
                     int(port_text),
@@ -153,6 +188,12 @@ class UpstreamPool:
         except OSError as exc:  # refused, unreachable, TLS handshake, and the connect timeout
             detail = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             raise UpstreamError("upstream-unavailable", f"cannot connect to {endpoint}: {detail}", sent=False) from exc
+        if self._verify_peer is not None:
+            try:
+                self._verify_peer(endpoint, transport)
+            except BaseException:
+                conn.abort()  # refused before anything was sent: never used, never pooled
+                raise
         return conn
 
     # -- ConnectionOwner: what the pool's connections report ----------------------------

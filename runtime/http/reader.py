@@ -12,6 +12,13 @@ than exactly `chunked`, chunked HTTP/1.0. Headers reach the chain clean: hop-by-
 fields, Content-Length and Expect are dropped (bodies are re-framed by the upstream
 client), `x-forwarded-for` gets the client address, Host is kept (and replaced by the
 target's authority for absolute-form requests).
+
+On the inbound side (`strip_identity`) identity headers from outside are dropped too,
+in any case and however often repeated: `x-forwarded-client-cert` and every
+`x-starmesh-*` field. The caller's identity is only what its connection proved
+(`source`), never a header. The check costs nothing per field: identity names join the
+set of inspected names when the name cache learns them (names past the cache's bound
+are checked as they come).
 """
 
 from __future__ import annotations
@@ -26,12 +33,19 @@ from starmesh.runtime.http.headers import HOP_BY_HOP, remove_named
 from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.message import EMPTY, FixedBody, Headers, Request
 
-__all__ = ["ReaderOwner", "RequestReader", "service_of"]
+__all__ = ["FORWARDED_CLIENT_CERT", "IDENTITY_PREFIX", "ReaderOwner", "RequestReader", "is_identity_header", "service_of"]
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
 
 _INSPECTED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for"}
 """Request fields the reader looks at; of these only host and x-forwarded-for are kept."""
+
+IDENTITY_PREFIX = "x-starmesh-"
+FORWARDED_CLIENT_CERT = "x-forwarded-client-cert"
+
+_INSPECTED_INBOUND: set[str] = set(_INSPECTED) | {FORWARDED_CLIENT_CERT}
+"""The inbound reader's inspected names: _INSPECTED plus identity names (dropped). Grows
+with the `x-starmesh-*` names the name cache learns, so it is bounded by the cache."""
 
 _CONNECTION_KEYWORDS = frozenset({"close", "keep-alive", "upgrade"})
 
@@ -79,6 +93,7 @@ class RequestReader:
         client: str,
         source: str | None,
         forwarded_for: bool,
+        strip_identity: bool = False,
     ) -> None:
         self._owner = owner
         self._time = loop_time
@@ -88,6 +103,8 @@ class RequestReader:
         self._client = client
         self._source = source
         self._forwarded_for = forwarded_for and bool(client)
+        self._strip_identity = strip_identity
+        self._inspected: set[str] | frozenset[str] = _INSPECTED_INBOUND if strip_identity else _INSPECTED
         self._parser = httptools.HttpRequestParser(self)
         self._last_host = ""
         self._last_service = ""
@@ -175,6 +192,7 @@ class RequestReader:
         headers: Headers = []
         append = headers.append
         cache = _NAME_CACHE
+        inspected = self._inspected
         content_length = transfer_encoding = connection = upgrade_value = expect = host = None
         hosts = 0
         xff = -1
@@ -182,8 +200,10 @@ class RequestReader:
             key = cache.get(name)
             if key is None:
                 key = _header_name(name)
+                if self._strip_identity and is_identity_header(key):
+                    continue  # a name the cache did not take: dropped here
             text = value.decode("latin-1")
-            if key not in _INSPECTED:
+            if key not in inspected:
                 append((key, text))
             elif key == "host":
                 hosts += 1
@@ -203,7 +223,8 @@ class RequestReader:
                 upgrade_value = text
             elif key == "expect":
                 expect = text
-            # keep-alive, proxy-connection, te, trailer, proxy-authenticate/-authorization: dropped
+            # keep-alive, proxy-connection, te, trailer, proxy-authenticate/-authorization,
+            # and on the inbound side identity headers: dropped
         if self._head_partial + self._fed > self._max_header_bytes:
             # The bytes fed since the head began bound its size: count only when they could be over.
             size = len(self._url) + sum(len(name) + len(value) + 4 for name, value in raw)
@@ -379,8 +400,15 @@ class RequestReader:
 def _header_name(name: bytes) -> str:
     key = name.decode("latin-1").lower()
     if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+        if is_identity_header(key):
+            _INSPECTED_INBOUND.add(key)  # before the cache has it: a cached name is always classified
         _NAME_CACHE[name] = key
     return key
+
+
+def is_identity_header(name: str) -> bool:
+    """Whether a request field (lower-case name) claims an identity: never taken from outside."""
+    return name.startswith(IDENTITY_PREFIX) or name == FORWARDED_CLIENT_CERT
 
 
 def service_of(authority: str) -> str:

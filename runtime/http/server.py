@@ -19,6 +19,13 @@ known, chunked toward HTTP/1.1 clients otherwise (close-delimited for HTTP/1.0);
 fields are never written. `Expect: 100-continue` is answered only when the handler first
 reads the body, so a 403 or 429 never invites it. After an upstream's 101 the connection
 becomes a tunnel (tunnel.py).
+
+On the inbound side, identity headers from outside are dropped while parsing (reader.py:
+`x-forwarded-client-cert` and every `x-starmesh-*`), and `request.source` is only what
+the connection proved. With `tls=InboundTLS(...)` the inbound listener is a mesh
+listener (runtime/tls.py): each connection is TLS or plaintext per the mode at accept
+time, a TLS peer's SVID becomes the source, and a peer refused after the handshake is
+closed before any request is read.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import ssl as _ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Literal, cast
+from typing import Literal, cast, overload
 
 from starmesh.runtime.http.body import StreamBody
 from starmesh.runtime.http.errors import RequestBodyError, UpstreamError
@@ -38,6 +45,7 @@ from starmesh.runtime.http.reader import RequestReader
 from starmesh.runtime.http.tunnel import Tunnel
 from starmesh.runtime.http.wire import CONTINUE, LAST_CHUNK, chunk_prefix, encode_head, status_line
 from starmesh.runtime.message import Body, FixedBody, Request, Response, proxy_response
+from starmesh.runtime.tls import InboundTLS, MeshListener, PeerRefused
 
 __all__ = ["Dispatch", "PeerIdentity", "start_listener"]
 
@@ -68,6 +76,34 @@ _LINGER_BYTES = 1024 * 1024
 """How long and how much a closing connection still reads (and discards) after its FIN."""
 
 
+@overload
+async def start_listener(
+    host: str,
+    port: int,
+    dispatch: Dispatch,
+    *,
+    side: Literal["outbound", "inbound"],
+    limits: HttpLimits = ...,
+    ssl: _ssl.SSLContext | None = ...,
+    peer_identity: PeerIdentity | None = ...,
+    forwarded_for: bool = ...,
+    tls: None = ...,
+) -> asyncio.Server: ...
+
+
+@overload
+async def start_listener(
+    host: str,
+    port: int,
+    dispatch: Dispatch,
+    *,
+    side: Literal["inbound"],
+    limits: HttpLimits = ...,
+    forwarded_for: bool = ...,
+    tls: InboundTLS,
+) -> MeshListener: ...
+
+
 async def start_listener(
     host: str,
     port: int,
@@ -78,19 +114,34 @@ async def start_listener(
     ssl: _ssl.SSLContext | None = None,
     peer_identity: PeerIdentity | None = None,
     forwarded_for: bool = True,
-) -> asyncio.Server:
+    tls: InboundTLS | None = None,
+) -> asyncio.Server | MeshListener:
     """Listen on `host:port` and answer every request with `dispatch(request)`.
 
-    `side` says which listener this is; on "inbound", `peer_identity(transport)` (when
-    given) becomes `request.source` for every request on that connection. `ssl` makes it
-    a TLS listener. `forwarded_for` appends the client address to x-forwarded-for.
-    Close the returned server to stop accepting; open connections finish on their own.
+    `side` says which listener this is; on "inbound", identity headers are dropped from
+    requests and `peer_identity(transport)` (when given) becomes `request.source` for
+    every request on that connection. `ssl` makes it a TLS listener. `tls` (inbound
+    only) makes it a mesh listener instead: TLS or plaintext per connection as the
+    current mtls mode says, the source proven by the peer's SVID (runtime/tls.py).
+    `forwarded_for` appends the client address to x-forwarded-for. Close the returned
+    server to stop accepting; open connections finish on their own.
     """
     loop = asyncio.get_running_loop()
-    identity = peer_identity if side == "inbound" else None
+    inbound = side == "inbound"
+    if tls is not None:
+        if not inbound:
+            raise ValueError("mTLS (tls=) is for the inbound listener only")
+        plaintext = tls.guard(dispatch)
+
+        def mesh_factory(identity: PeerIdentity | None) -> _ServerConnection:
+            chosen = dispatch if identity is not None else plaintext
+            return _ServerConnection(loop, chosen, limits, identity, forwarded_for, True)
+
+        return await MeshListener.start(host, port, mesh_factory, tls)
+    identity = peer_identity if inbound else None
 
     def factory() -> _ServerConnection:
-        return _ServerConnection(loop, dispatch, limits, identity, forwarded_for)
+        return _ServerConnection(loop, dispatch, limits, identity, forwarded_for, inbound)
 
     return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True, backlog=1024)
 
@@ -111,6 +162,7 @@ class _ServerConnection(asyncio.Protocol):
         limits: HttpLimits,
         peer_identity: PeerIdentity | None,
         forwarded_for: bool,
+        strip_identity: bool,
     ) -> None:
         self._loop = loop
         self._dispatch = dispatch
@@ -119,6 +171,7 @@ class _ServerConnection(asyncio.Protocol):
         self._tick = min(limits.header_timeout, limits.idle_timeout)
         self._peer_identity = peer_identity
         self._forwarded_for = forwarded_for
+        self._strip_identity = strip_identity
         self._reader: RequestReader = None  # type: ignore[assignment]
         self._transport: asyncio.Transport = None  # type: ignore[assignment]
         self._closed = False
@@ -141,7 +194,16 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
-        source = self._peer_identity(self._transport) if self._peer_identity is not None else None
+        source = None
+        if self._peer_identity is not None:
+            try:
+                source = self._peer_identity(self._transport)
+            except Exception as exc:  # noqa: BLE001 - a peer that proves nothing is closed, never served
+                if not isinstance(exc, PeerRefused):  # (PeerRefused has been logged where it was raised)
+                    _log.exception("checking a peer's identity failed; closing its connection")
+                self._closed = True
+                self._transport.abort()
+                return
         self._reader = RequestReader(
             self,
             self._limits,
@@ -149,6 +211,7 @@ class _ServerConnection(asyncio.Protocol):
             client=str(peer[0]) if peer else "",
             source=source,
             forwarded_for=self._forwarded_for,
+            strip_identity=self._strip_identity,
         )
         self._idle_since = self._loop.time()
         self._arm()
