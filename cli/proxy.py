@@ -3,11 +3,17 @@
 Two forms, exactly one of them:
 
     --control-plane URL [--control-plane URL ...] --trust FILE [--trust FILE ...]
+        [--ca-cert FILE [--join-token T]]                 mesh certificates: https:// URLs
     --bundle FILE [--endpoints FILE]                      (local development)
 
 Everything is checked before the proxy starts (exit 2 with one line saying what is
-wrong): addresses, the URL shape (`http(s)://host:port`), the trust files (PEM Ed25519
-public keys). `--ca-cert` and `--join-token` come with the security issue (5).
+wrong): addresses, the URL shape (`http(s)://host:port`; `https://` with `--ca-cert`),
+the trust files (PEM Ed25519 public keys), the mesh root (`--ca-cert`: PEM
+certificates), the service name (a SPIFFE ID's, with `--ca-cert`), the join token's
+characters. The join token may come from `STARMESH_JOIN_TOKEN` instead, which keeps it
+out of the process list (without `--ca-cert` the variable is ignored). Whether a first
+certificate is needed (none usable in the state dir, and no join token: exit 2) is the
+proxy's check at start.
 """
 
 from __future__ import annotations
@@ -25,8 +31,7 @@ __all__ = ["proxy_command"]
 
 _MAX_REPEATS = 16
 """At most this many --control-plane URLs and --trust keys (each release is checked against every key)."""
-
-SECURITY_LATER = "{option} comes with the security issue (5: mesh certificates and join tokens); leave it out for now"
+_MAX_JOIN_TOKEN = 1024
 
 
 def _address(param: str, value: str, *, listener: bool) -> str:
@@ -58,6 +63,41 @@ def _control_plane_url(value: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InputError(f"{where}: give only scheme, host and port (the API paths are fixed: /v1/...)")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _mesh_identity(
+    ca_cert: Path | None, join_token: str | None, *, bundle: Path | None, urls: tuple[str, ...], service: str
+) -> bytes | None:
+    """`--ca-cert`'s PEM (None without it), after checking it and what goes with it; InputError."""
+    if ca_cert is None:
+        source = click.get_current_context().get_parameter_source("join_token")
+        if join_token is not None and source is not click.core.ParameterSource.ENVIRONMENT:
+            raise InputError("--join-token goes with --ca-cert FILE (the mesh root): give both, or neither")
+        return None
+    if bundle is not None:
+        raise InputError("--ca-cert goes with --control-plane: in the --bundle form links are plaintext")
+    plain = [url for url in urls if not url.startswith("https://")]
+    if plain:
+        raise InputError(f"--control-plane {plain[0]}: with --ca-cert the control plane is reached over https://")
+    if join_token is not None:
+        if not 0 < len(join_token) <= _MAX_JOIN_TOKEN or not all("!" <= ch <= "~" for ch in join_token):
+            raise InputError(f"--join-token: give 1 to {_MAX_JOIN_TOKEN} visible ASCII characters, no spaces")
+    from starmesh.bundle.errors import IdentityError
+    from starmesh.bundle.identity import check_service_name, load_certificates
+
+    try:
+        check_service_name(service)
+    except IdentityError as exc:
+        raise InputError(f"--service: with --ca-cert it names a SPIFFE ID: {exc}") from None
+    try:
+        with open(ca_cert, "rb") as file:
+            pem = file.read(1024 * 1024)
+        load_certificates(pem)
+    except OSError as exc:
+        raise InputError(f"--ca-cert {ca_cert}: cannot read it: {exc.strerror or exc}") from None
+    except IdentityError as exc:
+        raise InputError(f"--ca-cert {ca_cert}: {exc} (give the mesh root, ca.crt from `starmesh ca init`)") from None
+    return pem
 
 
 @click.command("proxy")
@@ -99,8 +139,18 @@ def _control_plane_url(value: str) -> str:
     metavar="FILE",
     help="With --control-plane: a trusted release signing key (PEM signing.pub); repeat while rotating keys.",
 )
-@click.option("--ca-cert", metavar="FILE", help="The mesh root certificate (comes with the security issue, 5).")
-@click.option("--join-token", metavar="T", help="The mesh's join token (comes with the security issue, 5).")
+@click.option(
+    "--ca-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="With --control-plane: the mesh root (ca.crt); the proxy gets a workload certificate and uses mTLS.",
+)
+@click.option(
+    "--join-token",
+    envvar="STARMESH_JOIN_TOKEN",
+    metavar="T",
+    help="With --ca-cert: the mesh's join token, for the first certificate (or env STARMESH_JOIN_TOKEN).",
+)
 @click.option(
     "--max-request-body",
     type=click.IntRange(min=1),
@@ -127,7 +177,7 @@ def proxy_command(
     endpoints: Path | None,
     control_plane: tuple[str, ...],
     trust: tuple[Path, ...],
-    ca_cert: str | None,
+    ca_cert: Path | None,
     join_token: str | None,
     max_request_body: int | None,
     header_timeout: float,
@@ -147,6 +197,13 @@ def proxy_command(
     follows the endpoint table. It starts from the last-known-good config in
     --state-dir (when its signed release verifies), so it serves while the
     control plane is down; with several --control-plane URLs it fails over.
+
+    With --ca-cert (the mesh root) the control plane is reached over https://
+    and the proxy has a workload certificate (spiffe://<td>/service/SERVICE):
+    the first one is asked for with --join-token, later ones are renewed at
+    half-life; both are kept in --state-dir (workload.key, workload.crt, 0600),
+    so a restart works while the control plane is down and the certificate
+    is valid. With neither a usable certificate nor --join-token it exits 2.
 
     In the --bundle form (local development) the proxy applies FILE at start and
     again on SIGHUP; an invalid file keeps the config it has (at start: the
@@ -175,11 +232,13 @@ def proxy_command(
         --control-plane http://127.0.0.1:8400 --trust keys/signing.pub
       starmesh proxy --service productpage --version v1 --app 127.0.0.1:9080 \\
         --inbound 127.0.0.1:15006 --outbound 127.0.0.1:15001 --admin 127.0.0.1:15000 \\
+        --state-dir .starmesh/productpage \\
+        --control-plane https://127.0.0.1:8400 --trust keys/signing.pub \\
+        --ca-cert ca/ca.crt --join-token "$(cat join-token)"
+      starmesh proxy --service productpage --version v1 --app 127.0.0.1:9080 \\
+        --inbound 127.0.0.1:15006 --outbound 127.0.0.1:15001 --admin 127.0.0.1:15000 \\
         --state-dir .starmesh/productpage --bundle bundle.json --endpoints endpoints.json
     """
-    for option, given in (("--ca-cert", ca_cert), ("--join-token", join_token)):
-        if given is not None:
-            raise InputError(SECURITY_LATER.format(option=option))
     if bundle is not None and control_plane:
         raise InputError("give exactly one of --bundle FILE (local development) or --control-plane URL, not both")
     if bundle is None and not control_plane:
@@ -200,6 +259,7 @@ def proxy_command(
         if count > _MAX_REPEATS:
             raise InputError(f"{option} is given {count} times; at most {_MAX_REPEATS}")
     urls = tuple(dict.fromkeys(_control_plane_url(url) for url in control_plane))
+    ca_pem = _mesh_identity(ca_cert, join_token, bundle=bundle, urls=urls, service=service)
     trusted = load_public_keys(trust, where="--trust:")
     make_state_dir(state_dir)
 
@@ -218,6 +278,8 @@ def proxy_command(
         endpoints=endpoints,
         control_plane=urls,
         trusted=trusted,
+        ca_cert=ca_pem,
+        join_token=join_token if ca_pem is not None else None,
         limits=HttpLimits(max_request_body=max_request_body, header_timeout=header_timeout),
     )
     sys.exit(run_proxy(config))

@@ -18,6 +18,12 @@ delay every loop waits after a failure.
 
 The session asks for `Accept-Encoding: identity` and does not decompress, so the caps
 count the bytes that arrive and a compressed body cannot expand past them.
+
+HTTPS with mesh certificates (`--ca-cert`): `ControlPlaneSettings.tls` gives the
+`ssl.SSLContext` for each request (runtime/workload.py's: only the mesh root trusted, the
+control plane's host name checked, the workload certificate presented once there is
+one). It is asked for per request, so a rotated certificate is used from the next new
+connection on; aiohttp pools connections per context, and a pooled one keeps its own.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +41,7 @@ from typing import Any
 import aiohttp
 
 from starmesh.bundle.keys import PublicKey
-from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge
+from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge, WorkloadError
 
 __all__ = [
     "Answer",
@@ -80,7 +87,9 @@ class ControlLimits:
 
 @dataclass(frozen=True, slots=True)
 class ControlPlaneSettings:
-    """Who the proxy is and whom it trusts: the control-plane form's part of `ProxyConfig`."""
+    """Who the proxy is and whom it trusts: the control-plane form's part of `ProxyConfig`.
+
+    `tls` gives the TLS context for https:// URLs (None: the system's default trust)."""
 
     urls: tuple[str, ...]
     trusted: tuple[PublicKey, ...]
@@ -88,6 +97,7 @@ class ControlPlaneSettings:
     service: str
     version: str
     limits: ControlLimits = ControlLimits()
+    tls: Callable[[], ssl.SSLContext] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +242,7 @@ class Channel:
         what: str,
         params: Mapping[str, str] | None = None,
         body: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Answer:
         """One request with a byte cap on the body and a deadline on the whole exchange.
 
@@ -240,10 +251,12 @@ class Channel:
         is returned."""
         if self._session is None:
             raise ControlPlaneError(f"{what} ({method} {url}): the client is not running")
+        tls = self.settings.tls
         try:
+            context: ssl.SSLContext | bool = True if tls is None else tls()
             async with asyncio.timeout(deadline):
                 async with self._session.request(
-                    method, url, params=params, json=body, allow_redirects=False
+                    method, url, params=params, json=body, headers=headers, allow_redirects=False, ssl=context
                 ) as response:
                     content = await _read_capped(response, cap, what)
                     headers = {name.lower(): value for name, value in response.headers.items()}
@@ -252,5 +265,7 @@ class Channel:
             raise ControlPlaneError(f"{what} ({method} {url}): no complete answer within {deadline:g} s") from None
         except aiohttp.ClientError as exc:
             raise ControlPlaneError(f"{what} ({method} {url}): {type(exc).__name__}: {exc}") from exc
+        except (ssl.SSLError, WorkloadError) as exc:
+            raise ControlPlaneError(f"{what} ({method} {url}): TLS: {exc}") from exc
         except ResponseTooLarge as exc:
             raise ResponseTooLarge(f"{what} ({method} {url}): {exc}") from None

@@ -7,7 +7,8 @@
      │    └── ResponseTooLarge  its answer was over the byte cap for that kind of answer; the read was cut
      ├── IdentityError          the proxy id in the state dir cannot be read or written
      ├── LastKnownGoodError     the last-known-good files in the state dir are missing parts or corrupt
-     └── ListenerError          a listener address is invalid or cannot be bound
+     ├── ListenerError          a listener address is invalid or cannot be bound
+     └── WorkloadError          the workload certificate cannot be had: refused, not valid, no join token
 
 Foreign errors (BundleError, OSError, msgspec's) are mapped at the boundary where they
 are caught and re-raised `from exc`, with where it happened in the message.
@@ -24,6 +25,7 @@ __all__ = [
     "ListenerError",
     "ProxyError",
     "ResponseTooLarge",
+    "WorkloadError",
 ]
 
 
@@ -59,3 +61,12 @@ class LastKnownGoodError(ProxyError):
 
 class ListenerError(ProxyError):
     """A listener address is invalid (`HOST:PORT`) or cannot be bound."""
+
+
+class WorkloadError(ProxyError):
+    """The workload certificate (mesh identity) cannot be obtained, loaded or used.
+
+    The message says what: the control plane refused the request (and why), the answer
+    is not a valid certificate for this proxy, or there is none and no join token to ask
+    with. At start without any certificate and without `--join-token` it is a usage
+    error (exit 2); later the proxy retries with backoff."""

@@ -17,9 +17,14 @@ to the previous generation; then the `ControlPlaneClient` connects and keeps the
 in step. With neither, the proxy runs not ready and keeps trying. (startup.py holds
 `ProxyConfig` and does the start-up apply; this module wires the parts and runs them.)
 
+With `--ca-cert FILE [--join-token T]` the proxy has a workload identity (workload.py):
+its certificate on disk is loaded first (none usable and no join token: exit 2), the
+control-plane link (control_link.py) gets or renews it, and both listeners do mTLS per
+the mesh's mode with its contexts (tls.py, chain.py).
+
 What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
 
-    starmesh proxy: links are plaintext (...)
+    starmesh proxy: links are plaintext (...)     or    starmesh proxy: mesh identity ... (--ca-cert)
     outbound 127.0.0.1:15001
     inbound 127.0.0.1:15006
     admin 127.0.0.1:15000
@@ -45,19 +50,23 @@ from aiohttp import web
 
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.apply import Applier, ApplyResult
-from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.chain import ChainDeps, OutboundMTLS
 from starmesh.runtime.control import ControlPlaneClient
+from starmesh.runtime.control_link import ControlLink
 from starmesh.runtime.endpoints import Endpoints, parse_address
-from starmesh.runtime.errors import IdentityError, ListenerError
+from starmesh.runtime.errors import IdentityError, ListenerError, WorkloadError
 from starmesh.runtime.http.client import UpstreamPool
 from starmesh.runtime.http.server import start_listener
 from starmesh.runtime.message import Handler, Request, Response, proxy_response
 from starmesh.runtime.startup import ProxyConfig, apply_files, control_plane_settings, reload_files, start_config
+from starmesh.runtime.startup import workload_identity
 from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.telemetry import MemoryRecorder
+from starmesh.runtime.tls import InboundPolicy, InboundTLS, MeshListener, MeshTLS
 
 __all__ = [
     "CONTROL_PLANE_PLAINTEXT_NOTICE",
+    "MESH_IDENTITY_NOTICE",
     "PLAINTEXT_NOTICE",
     "Proxy",
     "ProxyConfig",  # startup.py's, re-exported: what `starmesh proxy` hands run_proxy
@@ -68,6 +77,7 @@ PLAINTEXT_NOTICE = "starmesh proxy: links are plaintext (local development: --bu
 CONTROL_PLANE_PLAINTEXT_NOTICE = (
     "starmesh proxy: links are plaintext (the control-plane form without mesh certificates)"
 )
+MESH_IDENTITY_NOTICE = "starmesh proxy: mesh identity {identity} (a workload certificate from the mesh CA, --ca-cert)"
 
 log = logging.getLogger("starmesh.proxy")
 
@@ -89,6 +99,9 @@ class Proxy:
         self.pool = UpstreamPool(self.limits)
         self.recorder = MemoryRecorder()
         self.endpoints = Endpoints()
+        # With --ca-cert: the workload identity, and mTLS on both sides from its contexts.
+        self.workload = workload_identity(config, self._bundle_trust_domain)
+        mesh = None if self.workload is None else MeshTLS(self.workload, self.workload.roots)
         self.deps = ChainDeps(
             pool=self.pool,
             endpoints=self.endpoints,
@@ -98,13 +111,16 @@ class Proxy:
             local_version=config.version,
             rng=random.Random(),
             clock=time.monotonic,
+            mtls=None if mesh is None else OutboundMTLS(self.pool, mesh, self.endpoints),
         )
         self.applier = Applier(self.deps, app=config.app, state_dir=config.state_dir)
+        self.inbound_tls = None if mesh is None else InboundTLS(mesh, self._inbound_policy)
         self.listeners: dict[str, str] = {"app": config.app}
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | MeshListener] = []
         self._admin: web.AppRunner | None = None
         self._not_ready: str | None = None
         self.client: ControlPlaneClient | None = None
+        self.link: ControlLink | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
 
@@ -113,9 +129,7 @@ class Proxy:
     def not_ready_reason(self) -> str:
         """Why there is no config (what /readyz and 503 `not-ready` say)."""
         reason = self._not_ready or "no config applied yet"
-        if self.client is not None:
-            return f"{reason}; {self.client.waiting_for()}"
-        return reason
+        return reason if self.link is None else f"{reason}; {self.link.waiting_for()}"
 
     def dispatchers(self) -> tuple[Handler, Handler]:
         """The outbound and inbound dispatch: take the current table once, hand it the request."""
@@ -155,11 +169,22 @@ class Proxy:
 
     # -- process -----------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Apply the config, bind every listener, print the addresses, connect to the control plane.
+    def _bundle_trust_domain(self) -> str | None:
+        return None if self.applier.current is None else self.applier.current.bundle.spec.mesh.trust_domain
 
-        ListenerError on a bind failure; IdentityError when the proxy id cannot be kept."""
-        settings = control_plane_settings(self.config)
+    def _inbound_policy(self) -> InboundPolicy | None:
+        return None if self.applier.current is None else self.applier.current.inbound_policy
+
+    async def start(self) -> None:
+        """Load the workload certificate, apply the config, bind every listener, print the
+        addresses, connect to the control plane.
+
+        ListenerError on a bind failure; IdentityError when the proxy id cannot be kept;
+        WorkloadError when there is no workload certificate and no join token to ask with."""
+        if self.workload is not None:
+            self.workload.load()
+        tls = None if self.workload is None else self.workload.control_plane_context
+        settings = control_plane_settings(self.config, tls=tls)
         await self.start_config()
         outbound, inbound = self.dispatchers()
         sides: tuple[tuple[Literal["outbound", "inbound"], str, Handler], ...] = (
@@ -169,7 +194,12 @@ class Proxy:
         for side, address, dispatch in sides:
             host, port = _split(address)
             try:
-                server = await start_listener(host, port, dispatch, side=side, limits=self.limits)
+                server: asyncio.Server | MeshListener
+                if side == "inbound" and self.inbound_tls is not None:  # TLS or not per the mode, per connection
+                    server = await start_listener(host, port, dispatch, side=side, limits=self.limits,
+                                                  tls=self.inbound_tls)  # fmt: skip
+                else:
+                    server = await start_listener(host, port, dispatch, side=side, limits=self.limits)
             except OSError as exc:
                 raise ListenerError(f"--{side} {address}: cannot listen: {exc.strerror or exc}") from exc
             self._servers.append(server)
@@ -191,7 +221,8 @@ class Proxy:
             self.client = ControlPlaneClient(
                 settings, self.applier, address=lambda: self.listeners["inbound"], on_applied=self._applied
             )
-        self._say(PLAINTEXT_NOTICE if settings is None else CONTROL_PLANE_PLAINTEXT_NOTICE)
+            self.link = ControlLink(settings, self.client, self.workload)
+        self._say(self._notice(settings is not None))
         for name in ("outbound", "inbound", "admin"):
             self._say(f"{name} {self.listeners[name]}")
         applied = self.applier.applied
@@ -199,15 +230,23 @@ class Proxy:
             self._say(f"ready {applied.digest}")
         else:
             self._say(f"not ready: {self.not_ready_reason()}")
-        if self.client is not None:
-            await self.client.start()
+        if self.link is not None:
+            await self.link.start()  # with --ca-cert: the first certificate, then releases
+
+    def _notice(self, control_plane: bool) -> str:
+        if self.workload is not None:
+            current = self.workload.current
+            return MESH_IDENTITY_NOTICE.format(identity=current.spiffe_id if current is not None else "pending")
+        return CONTROL_PLANE_PLAINTEXT_NOTICE if control_plane else PLAINTEXT_NOTICE
 
     def _applied(self, result: ApplyResult) -> None:
         self._say(f"applied release {result.version} {result.digest}")
 
     def _metrics(self) -> str:
         text = self.recorder.render()
-        return text if self.client is None else text + self.client.metrics()
+        if self.inbound_tls is not None:
+            text += self.inbound_tls.metrics()
+        return text if self.link is None else text + self.link.metrics()
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -226,8 +265,8 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish for the grace period, close the pools."""
-        if self.client is not None:
-            await self.client.close()  # no apply starts while the proxy winds down
+        if self.link is not None:
+            await self.link.close()  # no apply starts while the proxy winds down
         for server in self._servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -253,7 +292,7 @@ class Proxy:
         self.install_signals()
         try:
             await self.start()
-        except (ListenerError, IdentityError) as exc:
+        except (ListenerError, IdentityError, WorkloadError) as exc:
             log.error("%s", exc)
             print(f"starmesh: error: {exc}", file=sys.stderr, flush=True)
             await self.stop()
@@ -271,7 +310,7 @@ def _split(address: str) -> tuple[str, int]:
         raise ListenerError(str(exc)) from None
 
 
-def _bound(server: asyncio.Server) -> str:
+def _bound(server: asyncio.Server | MeshListener) -> str:
     host, port = server.sockets[0].getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -289,7 +328,12 @@ def run_proxy(config: ProxyConfig, *, out: TextIO = sys.stdout) -> int:
         loop_factory = uvloop.new_event_loop
 
     async def main() -> int:
-        return await Proxy(config, out=out).run()
+        try:
+            proxy = Proxy(config, out=out)
+        except WorkloadError as exc:
+            print(f"starmesh: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        return await proxy.run()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main())

@@ -2,8 +2,10 @@
 
     ProxyConfig ─┬─ --bundle FILE [--endpoints FILE]   apply_files: read, parse, Applier.apply
                  │     refused at start ─► last-known-good (its bundle digest checked on load)
-                 └─ --control-plane URL... --trust FILE...
-                       at start: last-known-good whose signed release verifies (restore.py)
+                 └─ --control-plane URL... --trust FILE... [--ca-cert FILE [--join-token T]]
+                       at start: workload_identity, whose certificate kept in the state dir
+                       is loaded (workload.py; none and no join token: WorkloadError, exit 2),
+                       last-known-good whose signed release verifies (restore.py)
                        then: control_plane_settings ─► the ControlPlaneClient (control.py)
 
 `start_config` is the start-up apply of either form; it returns None when a config is
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +31,16 @@ from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.identity import load_or_create_proxy_id
 from starmesh.runtime.lkg import load_state
 from starmesh.runtime.restore import restore_last_known_good
+from starmesh.runtime.workload import WorkloadIdentity, WorkloadLimits
 
-__all__ = ["ProxyConfig", "apply_files", "control_plane_settings", "reload_files", "start_config"]
+__all__ = [
+    "ProxyConfig",
+    "apply_files",
+    "control_plane_settings",
+    "reload_files",
+    "start_config",
+    "workload_identity",
+]
 
 log = logging.getLogger("starmesh.proxy")
 
@@ -38,7 +50,9 @@ class ProxyConfig:
     """What `starmesh proxy` was asked to do (addresses are `HOST:PORT`, checked by the CLI).
 
     Exactly one form: `bundle` (local development), or `control_plane` URLs with the
-    `trusted` release signing keys (`control_limits`: caps and timings, tests shrink them)."""
+    `trusted` release signing keys (`control_limits`: caps and timings, tests shrink them).
+    With mesh certificates, `ca_cert` is the mesh root(s) as PEM (`--ca-cert`'s contents)
+    and `join_token` asks for the first workload certificate (`workload_limits`: its timings)."""
 
     service: str
     version: str
@@ -52,6 +66,9 @@ class ProxyConfig:
     control_plane: tuple[str, ...] = ()
     trusted: tuple[PublicKey, ...] = ()
     control_limits: ControlLimits = ControlLimits()
+    ca_cert: bytes | None = None
+    join_token: str | None = None
+    workload_limits: WorkloadLimits = WorkloadLimits()
     grace_seconds: float = 10.0
     limits: HttpLimits = HttpLimits()
 
@@ -125,10 +142,30 @@ async def reload_files(applier: Applier, config: ProxyConfig) -> ApplyResult | N
     return result
 
 
-def control_plane_settings(config: ProxyConfig) -> ControlPlaneSettings | None:
+def workload_identity(
+    config: ProxyConfig, bundle_trust_domain: Callable[[], str | None]
+) -> WorkloadIdentity | None:
+    """The workload identity (`load` it at start); None without `--ca-cert` or in the `--bundle` form.
+
+    WorkloadError when `--ca-cert` holds no certificate."""
+    if config.ca_cert is None or config.bundle is not None:
+        return None
+    return WorkloadIdentity(
+        service=config.service,
+        state_dir=config.state_dir,
+        ca_pem=config.ca_cert,
+        join_token=config.join_token,
+        bundle_trust_domain=bundle_trust_domain,
+        limits=config.workload_limits,
+    )
+
+
+def control_plane_settings(
+    config: ProxyConfig, *, tls: Callable[[], ssl.SSLContext] | None = None
+) -> ControlPlaneSettings | None:
     """Who the proxy is to the control plane (its id kept in the state dir); None in the `--bundle` form.
 
-    IdentityError when the proxy id cannot be kept."""
+    `tls`: the HTTPS context (the workload identity's). IdentityError when the proxy id cannot be kept."""
     if config.bundle is not None:
         return None
     proxy_id = load_or_create_proxy_id(config.state_dir, config.service, config.version)
@@ -139,4 +176,5 @@ def control_plane_settings(config: ProxyConfig) -> ControlPlaneSettings | None:
         service=config.service,
         version=config.version,
         limits=config.control_limits,
+        tls=tls,
     )

@@ -66,9 +66,9 @@ def _invoke(tmp_path: Path, *extra: str) -> tuple[int, str]:
         (["--control-plane", "http://127.0.0.1:8400", "--trust", "{pub}", "--endpoints", "{pub}"],
          "--endpoints goes with --bundle"),
         (["--control-plane", "http://127.0.0.1:8400", "--trust", "{pub}", "--ca-cert", "ca.crt"],
-         "--ca-cert comes with the security issue (5"),
+         "with --ca-cert the control plane is reached over https://"),
         (["--control-plane", "http://127.0.0.1:8400", "--trust", "{pub}", "--join-token", "t"],
-         "--join-token comes with the security issue (5"),
+         "--join-token goes with --ca-cert FILE"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, extra: list[str], message: str) -> None:

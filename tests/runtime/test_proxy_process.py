@@ -262,8 +262,8 @@ def test_an_address_in_use_exits_2(tmp_path: Path, api: dict[str, Any], rt: Any)
         (["--admin", "127.0.0.1:70000"], "--admin: '127.0.0.1:70000': port 70000 is not a number"),
         (["--control-plane", "http://127.0.0.1:1"], "give exactly one of --bundle FILE"),
         (["--bundle", None], "give --control-plane URL (with --trust FILE), or --bundle FILE"),
-        (["--ca-cert", "ca.crt"], "--ca-cert comes with the security issue (5"),
-        (["--join-token", "t"], "--join-token comes with the security issue (5"),
+        (["--ca-cert", "ca.crt"], "--ca-cert goes with --control-plane"),
+        (["--join-token", "t"], "--join-token goes with --ca-cert FILE"),
         (["--trust", "signing.pub"], "--trust goes with --control-plane"),
     ],
 )
