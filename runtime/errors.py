@@ -8,6 +8,7 @@
      ├── IdentityError          the proxy id in the state dir cannot be read or written
      ├── LastKnownGoodError     the last-known-good files in the state dir are missing parts or corrupt
      ├── ListenerError          a listener address is invalid or cannot be bound
+     ├── PeerRefused            an inbound connection refused: no TLS where required, no valid SVID
      └── WorkloadError          the workload certificate cannot be had: refused, not valid, no join token
 
 Foreign errors (BundleError, OSError, msgspec's) are mapped at the boundary where they
@@ -23,6 +24,7 @@ __all__ = [
     "IdentityError",
     "LastKnownGoodError",
     "ListenerError",
+    "PeerRefused",
     "ProxyError",
     "ResponseTooLarge",
     "WorkloadError",
@@ -61,6 +63,13 @@ class LastKnownGoodError(ProxyError):
 
 class ListenerError(ProxyError):
     """A listener address is invalid (`HOST:PORT`) or cannot be bound."""
+
+
+class PeerRefused(ProxyError):
+    """An inbound connection was refused: no TLS where the service requires it, or no valid SVID.
+
+    Raised per connection by the mesh listener (runtime/tls.py), counted and logged there
+    (bounded); the connection is closed and the proxy keeps serving."""
 
 
 class WorkloadError(ProxyError):

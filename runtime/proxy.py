@@ -114,7 +114,10 @@ class Proxy:
             mtls=None if mesh is None else OutboundMTLS(self.pool, mesh, self.endpoints),
         )
         self.applier = Applier(self.deps, app=config.app, state_dir=config.state_dir)
-        self.inbound_tls = None if mesh is None else InboundTLS(mesh, self._inbound_policy)
+        self.inbound_tls = (
+            None if mesh is None
+            else InboundTLS(mesh, self._inbound_policy, handshake_timeout=self.limits.header_timeout)
+        )  # fmt: skip  (a silent or slow handshake gets as long as a slow request head)
         self.listeners: dict[str, str] = {"app": config.app}
         self._servers: list[asyncio.Server | MeshListener] = []
         self._admin: web.AppRunner | None = None
@@ -269,6 +272,9 @@ class Proxy:
             await self.link.close()  # no apply starts while the proxy winds down
         for server in self._servers:
             server.close()
+        # A mesh listener drops the connections still in their handshake; wait for that
+        # (asyncio.Server's open connections finish below, within the grace period).
+        await asyncio.gather(*(s.wait_closed() for s in self._servers if isinstance(s, MeshListener)))
         loop = asyncio.get_running_loop()
         end = loop.time() + self.config.grace_seconds
         # In-flight requests are the ones waiting on an upstream (the local app or an

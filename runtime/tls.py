@@ -43,7 +43,7 @@ from cryptography import x509
 from starmesh.bundle.errors import IdentityError
 from starmesh.bundle.identity import SPIFFE_SCHEME, Usage, check_trust_domain, load_certificates, verify_svid
 from starmesh.bundle.spec import MtlsMode
-from starmesh.runtime.errors import ProxyError
+from starmesh.runtime.errors import PeerRefused
 from starmesh.runtime.message import Request, Response, proxy_response
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
     "InboundTLS",
     "MeshListener",
     "MeshTLS",
-    "PeerRefused",
+    "PeerRefused",  # runtime/errors.py's, re-exported: runtime/http/server.py imports it from here
     "WorkloadContexts",
 ]
 
@@ -65,10 +65,6 @@ _LOG_EVERY = 60.0
 _LOG_KEYS = 1024
 _LOG_BURST = 100
 """Refusals are logged once per (peer, reason) every _LOG_EVERY s, at most _LOG_BURST lines per period."""
-
-
-class PeerRefused(ProxyError):
-    """A peer's connection was refused: no TLS where it is required, or no valid SVID."""
 
 
 class WorkloadContexts(Protocol):

@@ -9,12 +9,18 @@ tests/runtime/e2e/conftest.py (loaded by path: conftest modules cannot be import
 importlib mode); `fleet` adds the Git repo, the signing key, the control plane and
 control-plane-form proxies. Everything started is stopped, and asserted gone, when the
 test ends.
+
+Mesh identity (issue 5): `fleet.ca()` runs `starmesh ca init`; `control_plane(ca=DIR,
+join_token=T)` serves HTTPS from that CA (the `ControlPlane` then talks to it trusting
+DIR/ca.crt); `proxy(..., join_token=T)` against such a control plane gets `--ca-cert`
+and `--join-token`, so it asks for its workload certificate and does mTLS.
 """
 
 from __future__ import annotations
 
 import json
 import runpy
+import ssl
 import subprocess
 import sys
 import time
@@ -64,8 +70,8 @@ def git(repo: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def get_json(url: str, timeout: float = 10.0) -> dict[str, object]:
-    with urllib.request.urlopen(url, timeout=timeout) as answer:
+def get_json(url: str, timeout: float = 10.0, context: ssl.SSLContext | None = None) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
         data = json.loads(answer.read())
     assert isinstance(data, dict)
     return data
@@ -92,13 +98,19 @@ def wait_until(check: object, what: str, deadline: float = 30.0, interval: float
 class ControlPlane:
     process: Process
     address: str = ""
+    ca_cert: Path | None = None
+    """With --ca: the mesh root (DIR/ca.crt); the API is HTTPS with a certificate from it."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'http' if self.ca_cert is None else 'https'}://{self.address}"
+
+    def context(self) -> ssl.SSLContext | None:
+        """For urllib: None over HTTP, else trusting only the mesh root (the cert names 127.0.0.1)."""
+        return None if self.ca_cert is None else ssl.create_default_context(cafile=str(self.ca_cert))
 
     def status(self) -> dict[str, object]:
-        return get_json(f"{self.url}/v1/status")
+        return get_json(f"{self.url}/v1/status", context=self.context())
 
     def release(self) -> dict[str, object] | None:
         release = self.status()["release"]
@@ -133,7 +145,31 @@ class Fleet:
         git(self.repo, "commit", "-q", "--allow-empty", "-m", message)
         return git(self.repo, "rev-parse", "HEAD")
 
-    def control_plane(self, extra: Sequence[str] = (), key: Path | None = None, listen: str = "127.0.0.1:0") -> ControlPlane:
+    def ca(self, trust_domain: str, directory: Path | None = None) -> Path:
+        """`starmesh ca init --trust-domain TD --out DIR`: the mesh CA's directory (ca.crt, ca.key)."""
+        directory = directory or self.tmp_path / "ca"
+        argv = [sys.executable, "-m", "starmesh.cli", "ca", "init", "--trust-domain", trust_domain, "--out", str(directory)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return directory
+
+    def control_plane(
+        self,
+        extra: Sequence[str] = (),
+        key: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        *,
+        ca: Path | None = None,
+        join_token: str | None = None,
+        cert_lifetime: str | None = None,
+    ) -> ControlPlane:
+        """A control plane on the fleet's repo; with `ca` (and `join_token`) it issues workload certificates."""
+        if ca is not None:
+            extra = [*extra, "--ca", str(ca)]
+        if join_token is not None:
+            extra = [*extra, "--join-token", join_token]
+        if cert_lifetime is not None:
+            extra = [*extra, "--cert-lifetime", cert_lifetime]
         argv = [
             sys.executable, "-m", "starmesh.cli", "control-plane",
             "--repo", str(self.repo), "--branch", "main", "--key", str(key or self.key),
@@ -141,7 +177,7 @@ class Fleet:
             "--poll-interval", "1", "--proxy-ttl", "3",
             *extra,
         ]  # fmt: skip
-        cp = ControlPlane(self.mesh.start("control-plane", argv))
+        cp = ControlPlane(self.mesh.start("control-plane", argv), ca_cert=None if ca is None else ca / "ca.crt")
         listening = cp.process.first_line(lambda line: line.startswith("listening "), "'listening' line")
         cp.address = listening.removeprefix("listening ").strip()
         self.control_planes.append(cp)
@@ -161,12 +197,25 @@ class Fleet:
         trust: Sequence[Path] | None = None,
         state: Path | None = None,
         wait_ready: bool = True,
+        *,
+        join_token: str | None = None,
+        ca_cert: Path | None = None,
+        log: Path | None = None,
     ) -> Proxy:
-        """A control-plane-form proxy; waits until it is ready unless told not to."""
+        """A control-plane-form proxy; waits until it is ready unless told not to.
+
+        Against a control plane with --ca it gets `--ca-cert` (`ca_cert`, else that plane's
+        root) and `--join-token` when `join_token` is given. `log`: a file for its stderr
+        (then its lines are its stdout alone)."""
         planes = [cp] if isinstance(cp, ControlPlane) else list(cp)
         extra = [arg for plane in planes for arg in ("--control-plane", plane.url)]
         extra += [arg for key in trust or [self.public] for arg in ("--trust", str(key))]
-        proxy = self.mesh.start_proxy(service, version, app, None, extra=extra, state=state)
+        root = ca_cert or planes[0].ca_cert
+        if root is not None:
+            extra += ["--ca-cert", str(root)]
+        if join_token is not None:
+            extra += ["--join-token", join_token]
+        proxy = self.mesh.start_proxy(service, version, app, None, extra=extra, state=state, log=log)
         if wait_ready:
             proxy.wait_ready(30.0)
         return proxy
