@@ -70,6 +70,8 @@ _ALL = (
     Code("SM411", "warning", "rule shadowed by earlier rules that match every request it matches"),
     Code("SM412", "warning", "authorization that admits nothing (an empty allow list, or no allow at all)"),
     Code("SM413", "warning", "mirror or fault that does nothing (percent 0)"),
+    Code("SM414", "warning", "relaxed mTLS: plaintext accepted, callers without proven identity"),
+    Code("SM415", "warning", "wide-open access: an enforcing allow that admits every caller for every request"),
     # Golden requests.
     Code("SM501", "error", "golden request failed"),
 )

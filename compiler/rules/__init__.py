@@ -16,7 +16,13 @@ from starmesh.compiler.rules.callgraph import retry_amplification, timeout_inver
 from starmesh.compiler.rules.context import LintContext
 from starmesh.compiler.rules.references import unknown_services, unknown_versions
 from starmesh.compiler.rules.resilience import per_try_not_shorter, retries_unbounded
-from starmesh.compiler.rules.security import admits_nothing, audit_mode, sources_without_mtls
+from starmesh.compiler.rules.security import (
+    admits_nothing,
+    audit_mode,
+    relaxed_mtls,
+    sources_without_mtls,
+    wide_open_access,
+)
 from starmesh.compiler.rules.shadowing import shadowed_by_catch_all, shadowed_by_earlier_rule
 from starmesh.compiler.rules.traffic import dead_versions, fault_everything, mirror_to_live_version, no_op_settings
 
@@ -40,5 +46,7 @@ RULES: dict[str, LintRule] = {
     "SM411": shadowed_by_earlier_rule,
     "SM412": admits_nothing,
     "SM413": no_op_settings,
+    "SM414": relaxed_mtls,
+    "SM415": wide_open_access,
 }
 """Every Spec-level rule, keyed by the one code it reports."""
