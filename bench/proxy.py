@@ -4,6 +4,7 @@
     .venv/bin/python bench/proxy.py --quick            # 1 s runs
     .venv/bin/python bench/proxy.py --reps 5 --json out.json
     .venv/bin/python bench/proxy.py --profile stacks.txt   # then py-spy on starmesh's proxy
+    .venv/bin/python bench/proxy.py --mtls             # and two-hop plaintext vs mTLS (control-plane form)
 
 Targets, all in front of the same upstream app (nginx answering 200 with a small body,
 its own process and config on a loopback port):
@@ -20,6 +21,17 @@ its own process and config on a loopback port):
               the headline against nginx's one hop
   starmesh-2hop  outbound of one starmesh proxy -> inbound of a second (authorization,
               rate limit) -> app: the whole mesh path, reported separately
+
+With `--mtls` (issue 5: the cost of mTLS), two more two-hop targets, each with both
+proxies in the control-plane form against a control plane of its own (a Git repo in the
+temp dir, POLICY with `app` split 100/0 since one peer, `app` v1, serves it):
+
+  starmesh-2hop-cp    plain HTTP control plane, the policy's mtls = "disable": plaintext links
+  starmesh-2hop-mtls  control plane with --ca/--join-token (`starmesh ca init`), the policy's
+              mtls = "strict", both proxies with --ca-cert/--join-token: front -> peer is mTLS
+
+The mTLS target also counts handshakes: the peer inbound's accepted mTLS connections
+(`starmesh_inbound_connections_total{transport="mtls"}` on its /metrics) per run.
 
 Load from wrk (`-t1 --latency`) at concurrency 1 and 32; every repetition runs every
 target in turn (interleaved, so drift on a noisy machine hits all of them alike) after
@@ -48,12 +60,14 @@ import platform
 import re
 import shutil
 import signal
+import secrets
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +141,10 @@ class Target:
     unavailable: str | None = None
     runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     rss_mb: float | None = None
+    tls_metrics: str = ""
+    """An admin /metrics URL whose inbound mTLS connection counter this target's runs read."""
+    handshakes_total: int | None = None
+    """That counter after the runs: every mTLS connection since start (checks and warm-up too)."""
 
 
 # --- processes ---------------------------------------------------------------------
@@ -194,10 +212,10 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise BenchError(f"not listening on 127.0.0.1:{port} after {START_TIMEOUT:.0f} s: {_tail(log)}")
 
 
-def wait_for_line(pattern: str, proc: subprocess.Popen[bytes], log: Path) -> re.Match[str]:
+def wait_for_line(pattern: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = START_TIMEOUT) -> re.Match[str]:
     """Poll the child's log for a line matching pattern (e.g. its bound address)."""
     regex = re.compile(pattern, re.MULTILINE)
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = regex.search(log.read_text(errors="replace"))
         if found:
@@ -205,7 +223,7 @@ def wait_for_line(pattern: str, proc: subprocess.Popen[bytes], log: Path) -> re.
         if proc.poll() is not None:
             raise BenchError(f"exited with {proc.returncode}: {_tail(log)}")
         time.sleep(0.02)
-    raise BenchError(f"printed no line matching {pattern!r} in {START_TIMEOUT:.0f} s: {_tail(log)}")
+    raise BenchError(f"printed no line matching {pattern!r} in {timeout:.0f} s: {_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 8) -> str:
@@ -316,21 +334,113 @@ def start_starmesh(
     endpoints_file = state / "endpoints.json"
     endpoints_file.write_text(json.dumps(endpoints))
     command = [sys.executable, "-m", "starmesh.cli"] if tree is not None else _starmesh_command()
-    argv = [
-        *command, "proxy",
-        "--service", service, "--version", "v1", "--app", app,
-        "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--state-dir", str(state), "--bundle", str(bundle), "--endpoints", str(endpoints_file),
-    ]  # fmt: skip
+    argv = [*command, *_proxy_args(service, app, state), "--bundle", str(bundle), "--endpoints", str(endpoints_file)]
     proc, log = procs.start(name, argv, env=None if tree is None else {"PYTHONPATH": str(tree)})
-    addresses: dict[str, str] = {}
-    for listener in ("outbound", "inbound", "admin"):
-        addresses[listener] = wait_for_line(rf"^{listener} (127\.0\.0\.1:\d+)\s*$", proc, log)[1]
+    addresses = _listeners(proc, log)
     state_line = wait_for_line(r"^(ready sha256:\S+|not ready: .*)$", proc, log)[1]
     if not state_line.startswith("ready"):
         raise BenchError(f"{name}: {state_line}")
-    addresses["pid"] = str(proc.pid)
     return addresses
+
+
+def _proxy_args(service: str, app: str, state: Path) -> list[str]:
+    return [
+        "proxy", "--service", service, "--version", "v1", "--app", app,
+        "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", str(state),
+    ]  # fmt: skip
+
+
+def _listeners(proc: subprocess.Popen[bytes], log: Path) -> dict[str, str]:
+    addresses = {"pid": str(proc.pid)}
+    for listener in ("outbound", "inbound", "admin"):
+        addresses[listener] = wait_for_line(rf"^{listener} (127\.0\.0\.1:\d+)\s*$", proc, log)[1]
+    return addresses
+
+
+# --- control-plane form (--mtls) ---------------------------------------------------------
+
+CP_TIMEOUT = 90.0
+"""Compile, release, certificates, registration and the endpoint long-poll, on a busy machine."""
+
+
+def mesh_policy(mtls: str) -> str:
+    """POLICY with the mesh's `mtls` mode and `app`'s default split 100/0: one peer (v1) registers."""
+    return POLICY.replace('mtls = "disable"', f'mtls = "{mtls}"').replace('{"v1": 90, "v2": 10}', '{"v1": 100, "v2": 0}')
+
+
+def _run(argv: list[str], what: str) -> None:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise BenchError(f"{what} failed ({out.returncode}): {(out.stdout + out.stderr).strip()}")
+
+
+def start_control_plane(procs: Processes, name: str, mtls: str, keys: Path) -> tuple[list[str], dict[str, str]]:
+    """A Git repo with mesh_policy(mtls) and a control plane on it (with a CA and join token unless
+    mtls is "disable"); the arguments and environment its proxies need."""
+    base = procs.workdir / name
+    repo = base / "repo"
+    repo.mkdir(parents=True)
+    (repo / "mesh.star").write_text(mesh_policy(mtls))
+    git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", f"bench policy, mtls {mtls}"]):
+        _run([*git, *args], f"git {args[0]} in {repo}")
+    argv = [
+        *_starmesh_command(), "control-plane", "--repo", str(repo), "--branch", "main",
+        "--key", str(keys / "signing.key"), "--state-dir", str(base / "state"), "--listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    proxy_args, env, scheme = ["--trust", str(keys / "signing.pub")], {}, "http"
+    if mtls != "disable":
+        ca = base / "ca"
+        _run([*_starmesh_command(), "ca", "init", "--trust-domain", "cluster.local", "--out", str(ca)], "starmesh ca init")
+        token = secrets.token_urlsafe(32)
+        argv += ["--ca", str(ca), "--join-token", token]
+        proxy_args += ["--ca-cert", str(ca / "ca.crt")]
+        env, scheme = {"STARMESH_JOIN_TOKEN": token}, "https"
+    proc, log = procs.start(name, argv)
+    address = wait_for_line(r"^listening (\S+)\s*$", proc, log, CP_TIMEOUT)[1]
+    wait_for_line(r"^ready release ", proc, log, CP_TIMEOUT)
+    return ["--control-plane", f"{scheme}://{address}", *proxy_args], env
+
+
+def start_cp_proxy(procs: Processes, name: str, service: str, app: str, control_plane: tuple[list[str], dict[str, str]]) -> dict[str, str]:
+    """One control-plane-form proxy, waited for until its /readyz answers 200; its listener addresses."""
+    state = procs.workdir / name
+    args, env = control_plane
+    proc, log = procs.start(name, [*_starmesh_command(), *_proxy_args(service, app, state), *args], env=env or None)
+    addresses = _listeners(proc, log)
+    deadline = time.monotonic() + CP_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{addresses['admin']}/readyz", timeout=5) as answer:
+                if answer.status == 200:
+                    return addresses
+        except OSError:
+            pass  # 503 not ready (HTTPError is an OSError) or not answering yet
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode}: {_tail(log)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{name} not ready after {CP_TIMEOUT:.0f} s: {_tail(log)}")
+        time.sleep(0.1)
+
+
+def start_two_hop_cp(procs: Processes, target: Target, mtls: str, app: str, keys: Path) -> None:
+    """front (client) -> peer (app v1, registered as app's endpoint) -> app, in the control-plane form."""
+    control_plane = start_control_plane(procs, f"cp-{mtls}", mtls, keys)
+    peer = start_cp_proxy(procs, f"{target.name}-peer", SERVICE, app, control_plane)
+    front = start_cp_proxy(procs, f"{target.name}-front", "client", app, control_plane)
+    target.url = f"http://{front['outbound']}/"
+    target.pids = [int(front["pid"]), int(peer["pid"])]
+    if mtls != "disable":
+        target.tls_metrics = f"http://{peer['admin']}/metrics"
+    deadline = time.monotonic() + CP_TIMEOUT
+    while True:  # the front learns the peer's inbound from the control plane's endpoint table
+        try:
+            check(target.url)
+            return
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def check(url: str) -> None:
@@ -398,12 +508,25 @@ def run_wrk(url: str, connections: int, seconds: int) -> WrkResult:
     return parse_wrk(out.stdout)
 
 
+def mtls_connections(metrics_url: str) -> int:
+    """The inbound's accepted mTLS connections (one handshake each) from its admin /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        text = answer.read(1 << 20).decode()
+    found = re.search(r'^starmesh_inbound_connections_total\{transport="mtls"\} (\d+)$', text, re.MULTILINE)
+    if not found:
+        raise BenchError(f"{metrics_url} has no starmesh_inbound_connections_total{{transport=\"mtls\"}}")
+    return int(found[1])
+
+
 def measure(target: Target, connections: int, seconds: int) -> dict[str, float]:
+    handshakes_before = mtls_connections(target.tls_metrics) if target.tls_metrics else 0
     user_before, system_before = cpu_seconds(target.pids)
     result = run_wrk(target.url, connections, seconds)
     user_after, system_after = cpu_seconds(target.pids)
+    handshakes = mtls_connections(target.tls_metrics) - handshakes_before if target.tls_metrics else 0
     per_request = 1e6 / result.requests if result.requests else float("nan")
     return {
+        "handshakes": handshakes,
         "rps": result.rps,
         "p50_us": result.p50_us,
         "p99_us": result.p99_us,
@@ -472,7 +595,7 @@ def profile(target: Target, connections: int, seconds: int, out: Path) -> str:
 # --- the run -----------------------------------------------------------------------
 
 
-def start_targets(procs: Processes, two_hop: bool, against: str | None = None) -> list[Target]:
+def start_targets(procs: Processes, two_hop: bool, against: str | None = None, mtls: bool = False) -> list[Target]:
     app_port = free_port()
     app_pids = start_nginx(procs, "upstream", _nginx.app_config(procs.workdir / "upstream", app_port), app_port)
     direct = Target("direct", f"http://127.0.0.1:{app_port}/", app_pids)
@@ -491,6 +614,21 @@ def start_targets(procs: Processes, two_hop: bool, against: str | None = None) -
     if hop2:
         targets.append(hop2)
     app = f"127.0.0.1:{app_port}"
+    if mtls:
+        with_cp = [Target("starmesh-2hop-cp"), Target("starmesh-2hop-mtls")]
+        targets += with_cp
+        try:
+            keys = procs.workdir / "keys"
+            _run([*_starmesh_command(), "keygen", "--out", str(keys)], "starmesh keygen")
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            for target in with_cp:
+                target.unavailable = str(exc)
+        else:
+            for target, mode in zip(with_cp, ("disable", "strict"), strict=True):
+                try:
+                    start_two_hop_cp(procs, target, mode, app, keys)
+                except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                    target.unavailable = str(exc)
     try:
         bundle = compile_bundle(procs.workdir)
         one = start_starmesh(procs, "starmesh", "client", app, bundle, {SERVICE: {"v1": [app], "v2": [app]}})
@@ -530,12 +668,13 @@ def run_bench(
     profile_to: Path | None = None,
     profile_target: str = "starmesh",
     against: str | None = None,
+    mtls: bool = False,
 ) -> tuple[list[Target], str]:
     """Start everything, run the interleaved repetitions (then the profile), stop everything."""
     with tempfile.TemporaryDirectory(prefix="starmesh-bench-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            targets = start_targets(procs, two_hop, against)
+            targets = start_targets(procs, two_hop, against, mtls)
             for target in targets:
                 if target.unavailable is None:
                     try:
@@ -560,11 +699,14 @@ def run_bench(
                             f"rep {rep + 1}/{reps} c{c:<3} {target.name:<14} {row['rps']:>9.0f} req/s  "
                             f"p50 {row['p50_us']:>7.0f} µs  p99 {row['p99_us']:>7.0f} µs  "
                             f"cpu {row['cpu_us_per_request']:>5.1f} µs/req"
+                            + (f"  handshakes {row['handshakes']:.0f}" if target.tls_metrics else "")
                             + (f"  ERRORS {row['errors']:.0f} non-2xx {row['non_2xx']:.0f}" if row["errors"] or row["non_2xx"] else ""),
                             flush=True,
                         )
             for target in live:
                 target.rss_mb = rss_mb(target.pids)
+                if target.tls_metrics:
+                    target.handshakes_total = mtls_connections(target.tls_metrics)
             if profile_to is not None:
                 for target in live:
                     if target.name == profile_target:
@@ -604,6 +746,10 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, dict
                 value = median(t, c, key)
                 row[f"{key}_c{c}"] = round(value, 1) if value is not None else None
             row[f"errors_c{c}"] = sum(r["errors"] + r["non_2xx"] for r in t.runs.get(c, []))
+            if t.tls_metrics:
+                row["handshakes_total"] = t.handshakes_total
+                row[f"handshakes_c{c}"] = [int(r["handshakes"]) for r in t.runs.get(c, [])]
+                row[f"requests_c{c}"] = [int(r["requests"]) for r in t.runs.get(c, [])]
         rps = median(t, high, "rps")
         p50 = median(t, low, "p50_us")
         if t.name != "direct" and p50 is not None and direct_p50 is not None:
@@ -662,6 +808,33 @@ def budgets(summary: dict[str, dict[str, object]], concurrencies: list[int]) -> 
     return out
 
 
+def mtls_cost(summary: dict[str, dict[str, object]], concurrencies: list[int]) -> list[str]:
+    """starmesh-2hop-mtls against starmesh-2hop-cp: the ratios (and differences) issue 5 asks for."""
+    low, high = min(concurrencies), max(concurrencies)
+    plain, tls = summary.get("starmesh-2hop-cp", {}), summary.get("starmesh-2hop-mtls", {})
+    if not plain or not tls or "unavailable" in plain or "unavailable" in tls:
+        return ["mTLS cost: not measured (a control-plane-form target is unavailable)"]
+    out = ["mTLS cost, starmesh-2hop-mtls / starmesh-2hop-cp (both proxies in the control-plane form):"]
+    for label, key, unit in (
+        (f"requests/s at c{high}", f"rps_c{high}", ""),
+        (f"added p50 at c{low}", f"added_p50_us_c{low}", " µs"),
+        (f"p99 at c{low}", f"p99_us_c{low}", " µs"),
+        (f"p50 at c{high}", f"p50_us_c{high}", " µs"),
+        (f"CPU per request at c{high}", f"cpu_us_per_request_c{high}", " µs"),
+        (f"CPU per request at c{low}", f"cpu_us_per_request_c{low}", " µs"),
+        ("RSS, both proxies", "rss_mb", " MB"),
+    ):
+        a, b = plain.get(key), tls.get(key)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
+            out.append(f"  {label:<28} {a:>10,.1f} -> {b:>10,.1f}{unit:<4} {b / a:5.2f}x  ({b - a:+,.1f}{unit})")
+    for c in concurrencies:
+        shakes, requests = tls.get(f"handshakes_c{c}"), tls.get(f"requests_c{c}")
+        if isinstance(shakes, list) and isinstance(requests, list):
+            out.append(f"  mTLS handshakes per run at c{c}: {shakes} for {requests} requests")
+    out.append(f"  mTLS handshakes since start (checks, warm-up, runs): {tls.get('handshakes_total')}")
+    return out
+
+
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -702,6 +875,11 @@ def main(argv: list[str] | None = None) -> int:
         "--against", metavar="REF",
         help="also run starmesh's proxy as of git REF (e.g. HEAD, for uncommitted changes) side by side",
     )  # fmt: skip
+    parser.add_argument(
+        "--mtls", action="store_true",
+        help="also run the two-hop path in the control-plane form, plaintext (starmesh-2hop-cp) and mTLS "
+        "(starmesh-2hop-mtls), each against its own control plane, and report the cost of mTLS",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -717,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     targets, versions = run_bench(
-        args.seconds, args.reps, args.concurrency, args.two_hop, args.warmup, args.profile, args.profile_target, args.against
+        args.seconds, args.reps, args.concurrency, args.two_hop, args.warmup, args.profile, args.profile_target, args.against,
+        args.mtls,
     )
     print(f"versions: {versions}")
     load_after = os.getloadavg()
@@ -731,6 +910,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in budgets(summary, args.concurrency):
         print(line)
+    if args.mtls:
+        print()
+        for line in mtls_cost(summary, args.concurrency):
+            print(line)
     for t in targets:
         if t.unavailable is not None:
             print(f"{t.name}: unavailable: {t.unavailable}")
@@ -741,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": {"before": load_before, "after": load_after},
             "settings": {
                 "seconds": args.seconds, "reps": args.reps, "concurrency": args.concurrency,
-                "warmup": args.warmup, "pin": args.pin,
+                "warmup": args.warmup, "pin": args.pin, "mtls": args.mtls,
             },  # fmt: skip
             "summary": summary,
             "runs": {t.name: {str(c): rows for c, rows in t.runs.items()} for t in targets},
