@@ -161,8 +161,9 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
 @click.option(
     "--join-token",
     metavar="TOKEN",
+    envvar="STARMESH_JOIN_TOKEN",
     help="The mesh's join token (at least 16 characters): a proxy presents it to get its first "
-    "certificate. Needs --ca.",
+    "certificate. Needs --ca. Also read from STARMESH_JOIN_TOKEN (keeps it out of `ps`).",
 )
 @click.option(
     "--cert-lifetime",

@@ -3,14 +3,20 @@
     starmesh up
      ├─ control plane   python -m starmesh.cli control-plane --repo STATE/repo --key STATE/keys/signing.key
      │                    --state-dir STATE/control-plane --listen 127.0.0.1:0 --poll-interval 2 --proxy-ttl 10
+     │                    --ca STATE/ca  (STARMESH_JOIN_TOKEN=T in its environment; serves https://)
      ├─ sidecar S-V     python -m starmesh.cli proxy --service S --version V --app 127.0.0.1:APP
      │   (one per app     --inbound 127.0.0.1:0 --outbound 127.0.0.1:OUT --admin 127.0.0.1:0
-     │    instance)       --state-dir STATE/proxies/S-V --control-plane URL --trust STATE/keys/signing.pub
+     │    instance)       --state-dir STATE/proxies/S-V --control-plane https://… --trust STATE/keys/signing.pub
+     │                    --ca-cert STATE/ca/ca.crt      (STARMESH_JOIN_TOKEN=T in its environment)
      └─ app S-V         python EXAMPLE/SCRIPT --service S --version V
                           --listen 127.0.0.1:APP --outbound 127.0.0.1:OUT
 
     people ──► S's sidecar inbound (authorization, rate limit) ──► app S ──► its sidecar outbound
-               ──► the callee's sidecar inbound ──► the callee's app ...
+               ──mTLS──► the callee's sidecar inbound ──► the callee's app ...
+
+Links between sidecars are mTLS as the policy's mtls modes say (localmesh_identity.py
+makes the CA and the join token); `up` itself talks HTTPS to the control plane, trusting
+the mesh root, and reads only its operators' route /v1/status, which needs no certificate.
 
 Every child runs in its own process group with its output in STATE/logs (see
 localmesh_children.py); the state dir's layout is in localmesh_state.py. APP and OUT
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +45,9 @@ import aiohttp
 from starmesh.cli.localmesh_children import Child, ChildSpec, free_ports, stop_all
 from starmesh.cli.localmesh_errors import StartFailed
 from starmesh.cli.localmesh_example import AppInstance, Example
+from starmesh.cli.localmesh_identity import JOIN_TOKEN_ENV, MeshIdentity
 from starmesh.cli.localmesh_state import PolicyRepo, SigningKeys, StateLayout
-from starmesh.cli.localmesh_status import MeshStatus, fetch_endpoints, fetch_status
+from starmesh.cli.localmesh_status import MeshStatus, fetch_registered, fetch_status
 
 __all__ = ["ControlPlaneInfo", "Instance", "LocalMesh", "Timing"]
 
@@ -77,7 +85,7 @@ class ControlPlaneInfo:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"https://{self.address}"
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class LocalMesh:
         layout: StateLayout,
         repo: PolicyRepo,
         keys: SigningKeys,
+        identity: MeshIdentity,
         *,
         timing: Timing = Timing(),
         python: str = sys.executable,
@@ -128,6 +137,7 @@ class LocalMesh:
         self.layout = layout
         self.repo = repo
         self.keys = keys
+        self.identity = identity
         self.timing = timing
         self.python = python
         self.control_plane: ControlPlaneInfo | None = None
@@ -139,8 +149,10 @@ class LocalMesh:
 
     # -- start -------------------------------------------------------------------------
 
-    async def _spawn(self, name: str, argv: list[str], *, cwd: Path | None = None) -> Child:
-        child = await Child.spawn(ChildSpec(name, tuple(argv), self.layout.log(name.replace(" ", "-")), cwd))
+    async def _spawn(
+        self, name: str, argv: list[str], *, cwd: Path | None = None, env: tuple[tuple[str, str], ...] = ()
+    ) -> Child:
+        child = await Child.spawn(ChildSpec(name, tuple(argv), self.layout.log(name.replace(" ", "-")), cwd, env))
         self._children.append(child)
         return child
 
@@ -152,10 +164,11 @@ class LocalMesh:
             "--repo", str(repo.path), "--branch", repo.branch, "--key", str(self.keys.private),
             "--state-dir", str(self.layout.control_plane), "--listen", "127.0.0.1:0",
             "--poll-interval", f"{t.repo_poll:g}", "--proxy-ttl", f"{t.proxy_ttl:g}",
+            "--ca", str(self.identity.ca_dir),  # the join token goes in its environment, not `ps`
         ]  # fmt: skip
         if repo.subdir:
             argv += ["--subdir", repo.subdir]
-        child = await self._spawn("control-plane", argv)
+        child = await self._spawn("control-plane", argv, env=((JOIN_TOKEN_ENV, self.identity.join_token),))
         address = await child.expect(_after("listening "), "its `listening` line", t.start)
         # Its registry's warm-up began before it listened (control-plane.md: for half of
         # --proxy-ttl a proxy holding an endpoint table gets no newer one).
@@ -169,8 +182,17 @@ class LocalMesh:
                 f"(`starmesh lint {repo.policy_root}` shows the findings; log: {child.spec.log})"
             )
         self.control_plane = ControlPlaneInfo(address, int(found.group(1)), found.group(2))
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=5), connector=aiohttp.TCPConnector(ssl=self._trust_mesh_root())
+        )
         return self.control_plane
+
+    def _trust_mesh_root(self) -> ssl.SSLContext:
+        """For the control plane's HTTPS: its certificate chains to the mesh root and names 127.0.0.1."""
+        try:
+            return ssl.create_default_context(cafile=str(self.identity.ca_cert))
+        except (OSError, ssl.SSLError) as exc:
+            raise StartFailed(f"cannot trust the mesh root {self.identity.ca_cert}: {exc}") from exc
 
     async def start_instances(self) -> tuple[Instance, ...]:
         """Start every app with its sidecar (all at once) and wait for their start-up lines."""
@@ -207,7 +229,8 @@ class LocalMesh:
             "--app", app_address, "--inbound", "127.0.0.1:0", "--outbound", outbound, "--admin", "127.0.0.1:0",
             "--state-dir", str(self.layout.proxy(app.name)),
             "--control-plane", self.control_plane.url, "--trust", str(self.keys.public),
-        ])  # fmt: skip
+            "--ca-cert", str(self.identity.ca_cert),
+        ], env=((JOIN_TOKEN_ENV, self.identity.join_token),))  # fmt: skip
         process = await self._spawn(f"app {app.name}", [
             self.python, str(app.script), "--service", app.service, "--version", app.version,
             "--listen", app_address, "--outbound", outbound,
@@ -277,7 +300,7 @@ class LocalMesh:
     async def _unregistered(self) -> list[str]:
         """The instances whose inbound address the control plane's endpoint table lacks."""
         assert self.control_plane is not None and self._session is not None
-        listed = await fetch_endpoints(self._session, self.control_plane.url)
+        listed = await fetch_registered(self._session, self.control_plane.url)
         return [i.app.name for i in self.instances if (i.app.service, i.app.version, i.inbound) not in listed]
 
     def _not_synced(self, status: MeshStatus, ids: dict[str, Instance], synced: set[str]) -> str:

@@ -58,6 +58,8 @@ class ChildSpec:
     argv: tuple[str, ...]
     log: Path
     cwd: Path | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    """Set in the child's environment on top of ours (secrets go here, not in argv: ps shows argv)."""
 
 
 class BoundedLog:
@@ -142,6 +144,7 @@ class Child:
         except OSError as exc:
             raise StartFailed(f"{spec.name}: cannot write its log {spec.log}: {exc.strerror or exc}") from exc
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.update(spec.env)
         try:
             process = await asyncio.create_subprocess_exec(
                 *spec.argv,

@@ -5,6 +5,7 @@
       repo/                     the policy Git repo (branch main), made from the example's
                                 policies on the first run and kept as it is afterwards
       keys/signing.key|pub      the release signing key pair (made once)
+      ca/ca.crt|ca.key          the mesh CA, join-token: the join token (localmesh_identity.py)
       control-plane/            the control plane's --state-dir (bundles, releases, versions)
       proxies/<service>-<version>/   each sidecar's --state-dir (proxy id, last-known-good)
       logs/<child>.log          each child's stdout and stderr (rotated to .log.1 at 10 MiB)
@@ -64,6 +65,14 @@ class StateLayout:
     @property
     def keys(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def join_token(self) -> Path:
+        return self.root / "join-token"
 
     @property
     def control_plane(self) -> Path:

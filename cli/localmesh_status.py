@@ -8,7 +8,7 @@
 
 `starmesh up` shows a MeshStatus in its live view and compares two of them to say what
 changed; `reachable` is False (and `error` says why) when the control plane did not
-answer. `fetch_status` and `fetch_endpoints` ask the control plane (aiohttp; every
+answer. `fetch_status` and `fetch_registered` ask the control plane (aiohttp; every
 answer is capped at 8 MiB and every call at the session's timeout).
 """
 
@@ -24,7 +24,7 @@ import msgspec
 from starmesh.cli.control_client import printable
 from starmesh.cli.status import StatusDocument
 
-__all__ = ["MAX_ANSWER_BYTES", "MeshStatus", "ProxyView", "condense", "fetch_endpoints", "fetch_status"]
+__all__ = ["MAX_ANSWER_BYTES", "MeshStatus", "ProxyView", "condense", "fetch_registered", "fetch_status"]
 
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
@@ -105,8 +105,15 @@ def condense(doc: StatusDocument) -> MeshStatus:
     )
 
 
-class _EndpointsAnswer(msgspec.Struct, frozen=True):
-    endpoints: dict[str, dict[str, list[str]]]
+class _Registered(msgspec.Struct, frozen=True):
+    state: str
+    service: str | None = None
+    version: str | None = None
+    address: str | None = None
+
+
+class _RegisteredAnswer(msgspec.Struct, frozen=True):
+    proxies: list[_Registered] = msgspec.field(default_factory=list)
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> bytes:
@@ -133,11 +140,17 @@ async def fetch_status(session: aiohttp.ClientSession, base_url: str) -> MeshSta
         return MeshStatus.unreachable(f"{url}: {exc or type(exc).__name__}")
 
 
-async def fetch_endpoints(session: aiohttp.ClientSession, base_url: str) -> set[tuple[str, str, str]]:
-    """The control plane's endpoint table as (service, version, address); empty when it does not answer."""
-    url = f"{base_url}/v1/endpoints?after=0&wait=0"
+async def fetch_registered(session: aiohttp.ClientSession, base_url: str) -> set[tuple[str, str, str]]:
+    """(service, version, address) of every live proxy in `/v1/status`: what the control
+    plane's endpoint table lists (it is made of live registrations). Empty when it does not
+    answer. (`/v1/endpoints` itself is served only to a client with a mesh certificate.)"""
+    url = f"{base_url}/v1/status"
     try:
-        table = msgspec.json.decode(await _get(session, url), type=_EndpointsAnswer).endpoints
+        proxies = msgspec.json.decode(await _get(session, url), type=_RegisteredAnswer).proxies
     except (ValueError, aiohttp.ClientError, asyncio.TimeoutError, OSError):  # DecodeError is a ValueError
         return set()
-    return {(s, v, address) for s, by_version in table.items() for v, found in by_version.items() for address in found}
+    return {
+        (p.service, p.version, p.address)
+        for p in proxies
+        if p.state != "stale" and p.service is not None and p.version is not None and p.address is not None
+    }

@@ -4,9 +4,13 @@
       1 lock          STATE/up.lock (flock, our pid): a second `up` on DIR exits 2
       2 policy repo   STATE/repo from EXAMPLE_DIR's policies (first run), else as it is
       3 signing key   STATE/keys/signing.key|pub (first run), else reused
-      4 control plane follows the repo's branch; `ready release N` or exit 1 with why
-      5 apps and sidecars, one pair per app instance in up.json
-      6 sync          every sidecar runs the release (k/N proxies synced, 60 s deadline)
+      4 mesh identity STATE/ca (the mesh CA, for the policy's trust domain) and
+                      STATE/join-token (0600) on the first run, else reused
+      5 control plane follows the repo's branch over HTTPS with --ca; `ready release N`
+                      or exit 1 with why
+      6 apps and sidecars, one pair per app instance in up.json, each sidecar with
+                      --ca-cert and the join token (mTLS between sidecars)
+      7 sync          every sidecar runs the release (k/N proxies synced, 60 s deadline)
       then: what runs where, next things to try, and a live status until Ctrl-C
 
 The parts are in localmesh*.py (no UI) and up_view.py (the display). SIGINT, SIGTERM
@@ -43,11 +47,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _setup(given: str, state_dir: Path, view: View) -> tuple[LocalMesh, StateLock]:
-    """Steps 1-3 (nothing runs yet); SetupError on bad input. The lock is held on return."""
+    """Steps 1-4 (nothing runs yet); SetupError on bad input, StartFailed when the first
+    run's policy does not compile (no trust domain for the CA). The lock is held on return."""
     import os
 
     from starmesh.cli.localmesh import LocalMesh
     from starmesh.cli.localmesh_example import load_example
+    from starmesh.cli.localmesh_identity import prepare_identity
     from starmesh.cli.localmesh_state import (
         StateLayout,
         StateLock,
@@ -73,32 +79,37 @@ def _setup(given: str, state_dir: Path, view: View) -> tuple[LocalMesh, StateLoc
             view.step(1, f"using the example's own repo {repo.path}, branch {repo.branch} (HEAD {repo.commit[:12]})")
         keys = prepare_keys(layout)
         view.step(2, f"{'created' if keys.created else 'reused'} {keys.private}")
+        view.step(3, "compiling the policy for its trust domain" if not layout.ca.exists() else "loading", done=False)
+        identity = prepare_identity(layout, repo)
+        made = "created" if identity.ca_created else "reused"
+        token = "created" if identity.token_created else "reused"
+        view.step(3, f"{made} {identity.ca_cert} (trust domain {identity.trust_domain}), {token} {identity.token_file}")
     except BaseException:
         lock.release()
         raise
-    return LocalMesh(example, layout, repo, keys), lock
+    return LocalMesh(example, layout, repo, keys, identity), lock
 
 
 async def _start(mesh: LocalMesh, view: View) -> None:
-    """Steps 4-6; StartFailed when a part does not come up."""
-    view.step(3, "starting", done=False)
+    """Steps 5-7; StartFailed when a part does not come up."""
+    view.step(4, "starting", done=False)
     plane = await mesh.start_control_plane()
-    view.step(3, f"{plane.url}, release {plane.release_version} {plane.bundle}")
+    view.step(4, f"{plane.url}, release {plane.release_version} {plane.bundle}")
     n = len(mesh.example.apps)
     s = "" if n == 1 else "s"
-    view.step(4, f"starting {n} app instance{s}, each with a sidecar", done=False)
+    view.step(5, f"starting {n} app instance{s}, each with a sidecar", done=False)
     await mesh.start_instances()
-    view.step(4, f"{n} app{s} and {n} sidecar{s} started")
-    view.step(5, f"0/{n} proxies synced", done=False)
+    view.step(5, f"{n} app{s} and {n} sidecar{s} started")
+    view.step(6, f"0/{n} proxies synced", done=False)
 
     def progress(k: int, total: int) -> None:
         if k < total:
-            view.step(5, f"{k}/{total} proxies synced", done=False)
+            view.step(6, f"{k}/{total} proxies synced", done=False)
 
     status = await mesh.wait_synced(progress)
-    view.step(5, f"{n}/{n} proxies synced; waiting for the endpoint table to reach them", done=False)
+    view.step(6, f"{n}/{n} proxies synced; waiting for the endpoint table to reach them", done=False)
     await mesh.wait_routable()
-    view.step(5, f"{n}/{n} proxies synced on release {status.release_version}")
+    view.step(6, f"{n}/{n} proxies synced on release {status.release_version}")
     view.running(mesh, status)
 
 
@@ -172,11 +183,15 @@ def up_command(example_dir: str, state_dir: Path) -> None:
     """Run a whole mesh on this machine: control plane, apps and one sidecar each.
 
     EXAMPLE_DIR (default examples/bookinfo) holds up.json, the policies and the apps.
-    On the first run the policies are copied into a new Git repo, STATE/repo, and a
-    signing key is made in STATE/keys; later runs reuse both (your commits stay). Every
-    port is a free one on 127.0.0.1, and every address is printed: the entry page
-    (through its sidecar), each sidecar's admin /metrics and /config, the control
-    plane's /v1/status. Commit to the policy repo and watch the mesh follow.
+    On the first run the policies are copied into a new Git repo, STATE/repo, a
+    signing key is made in STATE/keys, the mesh CA in STATE/ca (for the policy's
+    trust domain) and a join token in STATE/join-token; later runs reuse them all
+    (your commits stay). The control plane serves HTTPS with a certificate from the
+    CA, and every sidecar gets its workload certificate from it, so sidecars talk
+    mTLS as the policy's mtls modes say. Every port is a free one on 127.0.0.1, and
+    every address is printed: the entry page (through its sidecar), each sidecar's
+    admin /metrics and /config, the control plane's https:// /v1/status. Commit to
+    the policy repo and watch the mesh follow.
 
     Ctrl-C (or SIGTERM) stops every child and exits 0. Only one `up` runs per state dir.
 
@@ -187,7 +202,7 @@ def up_command(example_dir: str, state_dir: Path) -> None:
     """
     import asyncio
 
-    from starmesh.cli.localmesh_errors import SetupError
+    from starmesh.cli.localmesh_errors import SetupError, StartFailed
     from starmesh.cli.up_view import make_view
 
     view = make_view()
@@ -196,6 +211,10 @@ def up_command(example_dir: str, state_dir: Path) -> None:
     except SetupError as exc:
         view.close()
         raise InputError(str(exc)) from exc
+    except StartFailed as exc:  # nothing was started
+        view.failed(str(exc))
+        view.close()
+        sys.exit(1)
     except BaseException:
         view.close()
         raise

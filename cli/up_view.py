@@ -4,9 +4,10 @@ Two views with one interface (`View`):
 
     PlainView   stdout is not a terminal (scripts, tests, CI logs): stable lines, one per
                 step and one per change, that a program can parse:
-                  [4/6] control plane: http://127.0.0.1:40123, release 1 sha256:…
+                  [5/7] control plane: https://127.0.0.1:40123, release 1 sha256:…
                   productpage http://127.0.0.1:41000/productpage      (the entry, once)
-                  control plane http://127.0.0.1:40123                 (once)
+                  control plane https://127.0.0.1:40123                (once)
+                  mesh CA /abs/.starmesh/ca/ca.crt (trust domain …)    (once)
                   policy repo /abs/.starmesh/repo                      (once)
                   running (Ctrl-C to stop)
                   release 2 applied everywhere (commit 1a2b3c4d5e6f)
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["STEPS", "ChangeTracker", "LiveView", "PlainView", "View", "facts", "make_view", "next_steps"]
 
-STEPS = ("lock", "policy repo", "signing key", "control plane", "apps and sidecars", "sync")
+STEPS = ("lock", "policy repo", "signing key", "mesh identity", "control plane", "apps and sidecars", "sync")
 
 
 def next_steps(mesh: LocalMesh) -> list[str]:
@@ -50,7 +51,7 @@ def next_steps(mesh: LocalMesh) -> list[str]:
         f"edit {repo.policy_root / 'mesh.star'} (and lib/*.star)",
         f"starmesh lint {repo.policy_root}",
         f'git -C {repo.path} commit -am "what changed"   (released within seconds)',
-        f"starmesh status --control-plane {plane.url}",
+        f"starmesh status --control-plane {plane.url} --ca-cert {mesh.identity.ca_cert}",
     ]
     return lines
 
@@ -59,10 +60,12 @@ def facts(mesh: LocalMesh) -> list[tuple[str, str]]:
     """(label, value) for what runs where, entry first; the labels PlainView prints."""
     entry, plane, repo = mesh.entry, mesh.control_plane, mesh.repo
     assert entry is not None and plane is not None
+    identity = mesh.identity
     rows = [
         (mesh.example.entry.service, f"http://{entry.inbound}{mesh.example.entry.path}"),
         ("control plane", plane.url),
-        ("status", f"{plane.url}/v1/status  (starmesh status --control-plane {plane.url})"),
+        ("mesh CA", f"{identity.ca_cert} (trust domain {identity.trust_domain})"),
+        ("status", f"starmesh status --control-plane {plane.url} --ca-cert {identity.ca_cert}"),
         ("policy repo", str(repo.path)),
     ]
     if repo.subdir:

@@ -25,11 +25,11 @@ def spec(compiled: CompileResult) -> Spec:
     return compiled.bundle.spec
 
 
-def test_compiles_with_no_errors_and_only_the_audit_mode_notes(compiled: CompileResult) -> None:
-    # Until mTLS lands the caller rules run in audit mode (lib/access.star says why), and
-    # lint notes each audit-mode authorization (SM407). Nothing else may be reported.
+def test_compiles_with_no_errors_and_only_the_permissive_edge_warning(compiled: CompileResult) -> None:
+    # productpage is the edge (browsers have no mesh certificate), so it is "permissive",
+    # and lint says so (SM414). Nothing else may be reported: no audit-mode rule (SM407).
     findings = [(f.code, f.severity, f.file) for f in compiled.findings]
-    assert findings == [("SM407", "warning", "lib/access.star")] * 3, [f.concise() for f in compiled.findings]
+    assert findings == [("SM414", "warning", "mesh.star")], [f.concise() for f in compiled.findings]
     assert compiled.bundle is not None
     assert compiled.digest is not None and compiled.digest.startswith("sha256:")
 
@@ -45,6 +45,9 @@ def test_uses_lib_files_and_the_shipped_library() -> None:
 def test_the_mesh(spec: Spec) -> None:
     assert spec.mesh.name == "bookinfo"
     assert spec.mesh.mtls == "strict"
+    assert spec.mesh.trust_domain == "bookinfo.local"  # what `starmesh up` makes its CA for
+    mtls = {name: service.mtls for name, service in spec.services.items()}
+    assert mtls == {"productpage": "permissive", "details": None, "reviews": None, "ratings": None}
     assert spec.mesh.rollout.canary_percent == 10
     assert spec.mesh.rollout.bake_ms == 60_000
     assert set(spec.services) == {"productpage", "details", "reviews", "ratings"}
@@ -75,12 +78,12 @@ def test_routing(spec: Spec) -> None:
 
 def test_authorization(spec: Spec) -> None:
     assert set(spec.authorization) == set(spec.services)
-    # Plaintext links until mTLS: caller (source) rules audit, path/method rules enforce.
+    # mTLS proves callers: every rule is enforced, the caller rules included.
     modes = {name: authorization.mode for name, authorization in spec.authorization.items()}
-    assert modes == {"productpage": "enforce", "details": "audit", "reviews": "audit", "ratings": "audit"}
+    assert modes == dict.fromkeys(spec.services, "enforce")
     for name, authorization in spec.authorization.items():
         has_sources = any(rule.sources for rule in authorization.rules)
-        assert has_sources == (authorization.mode == "audit"), name
+        assert has_sources == (name != "productpage"), name  # the edge's rules need no identity
     (ratings_rule,) = spec.authorization["ratings"].rules
     assert ratings_rule.sources == ("reviews",)
     assert ratings_rule.methods == ("GET",)
@@ -119,17 +122,25 @@ def test_same_bundle_from_another_directory(tmp_path: Path, compiled: CompileRes
     assert compile_tree(copy).data == compiled.data
 
 
-def test_plaintext_calls_are_let_through_and_counted_as_would_deny(spec: Spec) -> None:
-    """Without mTLS no call carries a source: Bookinfo's own calls must pass (audit), each
-    one counted as would-deny, while productpage's method/path rules still deny."""
+def test_proven_callers_are_admitted_and_the_rest_denied(spec: Spec) -> None:
+    """Bookinfo's own calls (with the identity mTLS proves) pass; a wrong caller, an
+    unidentified one and a write are denied; productpage's method/path rules hold for all."""
     table = DecisionTable.build(spec)
-    for service, path in (("details", "/details/0"), ("reviews", "/reviews/0"), ("ratings", "/ratings/0")):
-        decision = table.authorize(service, None, "GET", path)
-        assert decision.allowed and decision.mode == "audit" and decision.would_deny, service
-    # With a proven identity (mTLS, later) the right caller is admitted outright...
-    assert not table.authorize("ratings", "reviews", "GET", "/ratings/0").would_deny
-    # ...and the wrong one would be denied once the mode is "enforce".
-    assert table.authorize("ratings", "productpage", "GET", "/ratings/0").would_deny
+    for service, source, path in (
+        ("details", "productpage", "/details/0"),
+        ("reviews", "productpage", "/reviews/0"),
+        ("ratings", "reviews", "/ratings/0"),
+    ):
+        decision = table.authorize(service, source, "GET", path)
+        assert decision.allowed and not decision.would_deny, service
+    for service, source, method, path in (
+        ("details", "reviews", "GET", "/details/0"),
+        ("ratings", "productpage", "GET", "/ratings/0"),
+        ("ratings", "reviews", "POST", "/ratings/0"),
+        ("reviews", None, "GET", "/reviews/0"),
+    ):
+        decision = table.authorize(service, source, method, path)
+        assert not decision.allowed and decision.mode == "enforce", (service, source, method)
     delete = table.authorize("productpage", None, "DELETE", "/productpage")
     assert not delete.allowed and delete.mode == "enforce"
     assert table.authorize("productpage", None, "GET", "/api/v1/products/0").allowed

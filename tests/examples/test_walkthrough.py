@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -162,7 +163,8 @@ class Walk:
 
     def status(self) -> dict[str, Any]:
         """The control plane's /v1/status (no HTTP proxy in the way)."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        context = ssl.create_default_context(cafile=str(self.state / "ca" / "ca.crt"))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
         with opener.open(f"{self.variables['CP']}/v1/status", timeout=10) as answer:
             document: dict[str, Any] = json.load(answer)
         return document
@@ -210,14 +212,17 @@ def output_has(*texts: str) -> Check:
     return check
 
 
+VARIABLES = {"PRODUCTPAGE", "CP", "PRODUCTPAGE_ADMIN", "DETAILS_ADMIN", "DETAILS", "REVIEWS_OUTBOUND"}
+
+
 def mesh_started(ran: Ran, walk: Walk) -> None:
-    assert walk.variables.keys() >= {"PRODUCTPAGE", "CP", "PRODUCTPAGE_ADMIN", "DETAILS_ADMIN"}
+    assert walk.variables.keys() >= VARIABLES
 
 
-def variable(name: str) -> Check:
+def variable(name: str, scheme: str = "http") -> Check:
     def check(ran: Ran, walk: Walk) -> None:
         value = walk.variables.get(name, "")
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", value), f"{name} from up's output: {value!r}"
+        assert re.fullmatch(rf"{scheme}://127\.0\.0\.1:\d+", value), f"{name} from up's output: {value!r}"
 
     return check
 
@@ -303,8 +308,8 @@ def rollout_reached(version: int, phase: str | None = None) -> Check:
 
 def first_status(ran: Ran, walk: Walk) -> None:
     rollout_reached(1, "complete")(ran, walk)
-    assert re.search(r"^last compile +[0-9a-f]{12} +ok \(3 warnings\)$", ran.stdout, re.M)
-    assert ran.stdout.count("SM407") == 3
+    assert re.search(r"^last compile +[0-9a-f]{12} +ok \(1 warning\)$", ran.stdout, re.M)
+    assert ran.stdout.count("SM414") == 1 and "SM407" not in ran.stdout
 
 
 def proxy_config(ran: Ran, walk: Walk) -> None:
@@ -354,13 +359,19 @@ def denied(ran: Ran, walk: Walk) -> None:
     assert lines == ["http/1.1 403 forbidden", "x-starmesh-error: denied"], lines
 
 
-def audited(ran: Ran, walk: Walk) -> None:
+def plaintext_refused(ran: Ran, walk: Walk) -> None:
+    assert ran.returncode in (52, 56), "expected curl to fail: the connection closed without an answer"
+    assert ran.stdout == "", "details' sidecar answered a plaintext call"
+
+
+def inbound_connections(ran: Ran, walk: Walk) -> None:
     assert ran.returncode == 0, "expected exit 0"
-    found = re.fullmatch(
-        r'starmesh_authorization_audit_denials_total\{destination_service="details",source_service=""\} (\d+)\n',
-        ran.stdout,
-    )
-    assert found is not None and int(found.group(1)) > 0
+    mtls = re.search(r'^starmesh_inbound_connections_total\{transport="mtls"\} (\d+)$', ran.stdout, re.M)
+    refused = re.search(r'^starmesh_inbound_connections_refused_total\{reason="plaintext"\} (\d+)$', ran.stdout, re.M)
+    assert mtls is not None and int(mtls.group(1)) > 0, "no mTLS connections counted"
+    assert refused is not None and int(refused.group(1)) >= 1, "the plaintext connection was not counted as refused"
+    plaintext = re.search(r'^starmesh_inbound_connections_total\{transport="plaintext"\} (\d+)$', ran.stdout, re.M)
+    assert plaintext is None or int(plaintext.group(1)) == 0, "details (strict) accepted a plaintext connection"
 
 
 def rolled_back(ran: Ran, walk: Walk) -> None:
@@ -376,10 +387,11 @@ def rollback_applied(ran: Ran, walk: Walk) -> None:
 
 # --------------------------------------------------------------------------- the steps
 
-STATUS = "starmesh status --control-plane $CP"
+CA = "--ca-cert .starmesh/ca/ca.crt"
+STATUS = f"starmesh status --control-plane $CP {CA}"
 VIEWS = "for i in $(seq 20); do curl -s $PRODUCTPAGE/api/v1/products/0 | jq -r .served_by.reviews; done | sort | uniq -c"
 LINT = "starmesh lint .starmesh/repo"
-LINT_CLEAN = all_of(exits(0), output_has("Found 0 errors and 3 warnings."))
+LINT_CLEAN = all_of(exits(0), output_has("Found 0 errors and 1 warning."))
 SLOW = "curl -s -H 'end-user: slow-tester' $PRODUCTPAGE/api/v1/products/0 | jq '{served_by, errors}'"
 SPLIT_TO_V2 = '{"v1": 0, "v2": 100, "v3": 0}'
 
@@ -388,9 +400,11 @@ STEPS: list[Step] = [
     Step(".venv/bin/starmesh up", mesh_started, by_fixture=True),
     Step("source .venv/bin/activate", exits(0)),
     Step("PRODUCTPAGE=http://127.0.0.1:PORT", variable("PRODUCTPAGE"), by_fixture=True),
-    Step("CP=http://127.0.0.1:PORT", variable("CP"), by_fixture=True),
+    Step("CP=https://127.0.0.1:PORT", variable("CP", "https"), by_fixture=True),
     Step("PRODUCTPAGE_ADMIN=http://127.0.0.1:PORT", variable("PRODUCTPAGE_ADMIN"), by_fixture=True),
     Step("DETAILS_ADMIN=http://127.0.0.1:PORT", variable("DETAILS_ADMIN"), by_fixture=True),
+    Step("DETAILS=http://127.0.0.1:PORT", variable("DETAILS"), by_fixture=True),
+    Step("REVIEWS_OUTBOUND=http://127.0.0.1:PORT", variable("REVIEWS_OUTBOUND"), by_fixture=True),
     # 2. look
     Step("curl -s $PRODUCTPAGE/api/v1/products/0 | jq .served_by", first_page_view),
     Step(VIEWS, split_counts({"v1", "v3"})),
@@ -417,7 +431,7 @@ STEPS: list[Step] = [
         all_of(
             exits(1),
             output_has('SM501 error: request_test "everyone but jason gets the general reviews split"'),
-            output_has("Found 1 error and 3 warnings."),
+            output_has("Found 1 error and 1 warning."),
         ),
     ),
     Step(
@@ -452,13 +466,15 @@ STEPS: list[Step] = [
     ),
     Step(STATUS, rollout_reached(3, "complete"), wait=ROLLOUT_DEADLINE),
     Step(SLOW, slow_tester(reviews=None, error="504 timeout"), wait=SHORT_DEADLINE),
-    # 6. an authorization deny, and the audited caller rules
+    # 6. authorization denies, on methods and paths and on the caller mTLS proves
     Step("curl -si -X DELETE $PRODUCTPAGE/productpage | grep -i -e '^HTTP/' -e '^x-starmesh-error'", denied),
-    Step("curl -s $DETAILS_ADMIN/metrics | grep '^starmesh_authorization_audit_denials_total'", audited),
+    Step("curl -si -H 'Host: details' $REVIEWS_OUTBOUND/details/0 | grep -i -e '^HTTP/' -e '^x-starmesh-error'", denied),
+    Step("curl -sS $DETAILS/details/0", plaintext_refused),
+    Step("curl -s $DETAILS_ADMIN/metrics | grep '^starmesh_inbound_connections'", inbound_connections),
     # 7. roll back
     Step(
-        "starmesh rollback --control-plane $CP --to "
-        "$(starmesh status --control-plane $CP --format json | jq -r .release.previous)",
+        f"starmesh rollback --control-plane $CP {CA} "
+        f"--to $(starmesh status --control-plane $CP {CA} --format json | jq -r .release.previous)",
         rolled_back,
     ),
     Step(STATUS, rollback_applied, wait=SHORT_DEADLINE),
@@ -613,20 +629,27 @@ def _environment(home: Path) -> dict[str, str]:
     return env
 
 
-_SERVICE_LINE = re.compile(r"^\s+(\S+) (\S+)\s+app \S+\s+sidecar outbound \S+\s+inbound \S+\s+admin (http://\S+) ")
+_SERVICE_LINE = re.compile(
+    r"^\s+(\S+) (\S+)\s+app \S+\s+sidecar outbound (\S+)\s+inbound (\S+)\s+admin (http://\S+) "
+)
 
 
 def addresses(lines: list[str]) -> dict[str, str]:
-    """PRODUCTPAGE, CP, PRODUCTPAGE_ADMIN and DETAILS_ADMIN from up's plain output."""
+    """The walkthrough's variables (VARIABLES) from up's plain output."""
     found: dict[str, str] = {}
     for line in lines:
         if line.startswith("productpage http://"):
             found["PRODUCTPAGE"] = line.split()[1].removesuffix("/productpage")
-        elif line.startswith("control plane http://"):
+        elif line.startswith("control plane https://"):
             found["CP"] = line.split()[2]
         elif (service := _SERVICE_LINE.match(line)) is not None and service.group(2) == "v1":
-            if service.group(1) in ("productpage", "details"):
-                found[f"{service.group(1).upper()}_ADMIN"] = service.group(3)
+            name, outbound, inbound, admin = service.group(1), service.group(3), service.group(4), service.group(5)
+            if name in ("productpage", "details"):
+                found[f"{name.upper()}_ADMIN"] = admin
+            if name == "details":
+                found["DETAILS"] = f"http://{inbound}"
+            if name == "reviews":
+                found["REVIEWS_OUTBOUND"] = f"http://{outbound}"
     return found
 
 

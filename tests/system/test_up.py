@@ -16,6 +16,7 @@ up.json contract), for the cheaper checks. Git runs with an empty global config,
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import os
 import pty
@@ -70,7 +71,7 @@ async def serve():
 asyncio.run(serve())
 """
 
-TINY_POLICY = 'mesh(name = "tiny", mtls = "disable")\nservice(name = "web", versions = ["v1"])\n'
+TINY_POLICY = 'mesh(name = "tiny", trust_domain = "tiny.local", mtls = "disable")\nservice(name = "web", versions = ["v1"])\n'
 
 
 def tiny_example(where: Path, policy: str = TINY_POLICY) -> Path:
@@ -268,7 +269,11 @@ def test_up_runs_bookinfo_follows_a_commit_and_leaves_nothing_after_ctrl_c(tmp_p
     page = up.value("productpage ")
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/productpage", page), page
     entry = page.removesuffix("/productpage")
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", up.value("control plane "))
+    control_plane = up.value("control plane ")
+    assert re.fullmatch(r"https://127\.0\.0\.1:\d+", control_plane)
+    ca_cert = state / "ca" / "ca.crt"
+    assert up.value("mesh CA ") == f"{ca_cert} (trust domain bookinfo.local)"  # mesh(trust_domain = ...)
+    assert up.value("status ") == f"starmesh status --control-plane {control_plane} --ca-cert {ca_cert}"
     repo = Path(up.value("policy repo "))
     assert repo == state / "repo"
     assert git(repo, "log", "--format=%s") == "Initial policy from examples/bookinfo"
@@ -290,7 +295,7 @@ def test_up_runs_bookinfo_follows_a_commit_and_leaves_nothing_after_ctrl_c(tmp_p
     text, count = re.subn(r"(?m)^route_reviews\(\)$", 'http_route("reviews", rules = [rule(backends = {"v2": 100})])', mesh.read_text())
     text, golden = re.subn(
         r"(?m)^golden_requests\(\)$",
-        'request_test("everyone reads reviews v2", service = "reviews", path = "/reviews/0", backends = "v2")',
+        'request_test("everyone reads reviews v2", service = "reviews", source = "productpage", path = "/reviews/0", backends = "v2")',
         text,
     )
     text, rollouts = re.subn(r"rollout = rollout\([^)]*\)", "rollout = rollout(canary_percent = 0)", text)
@@ -308,6 +313,15 @@ def test_up_runs_bookinfo_follows_a_commit_and_leaves_nothing_after_ctrl_c(tmp_p
 
     children = children_of(up.popen.pid)
     assert len(children) == 1 + 2 * 7, children  # the control plane; 7 apps, each with a sidecar
+    token = (state / "join-token").read_text().strip()
+    sidecars = [cmdline for cmdline in children.values() if " proxy " in cmdline]
+    assert len(sidecars) == 7 and all(f"--ca-cert {ca_cert}" in cmdline for cmdline in sidecars), sidecars
+    assert not any(token in cmdline for cmdline in sidecars), "the join token shows in a sidecar's argv"
+    # Inside the mesh every hop is strict mTLS: details' sidecar closes a plaintext connection.
+    details_inbound = re.search(r"^  details v1 .* inbound (\S+) ", up.output(), re.M)
+    assert details_inbound is not None, up.output()
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        get(f"http://{details_inbound.group(1)}/details/0")
     assert up.interrupt() == 0, up.output()
     assert up.lines[-1] == "stopped", up.output()
     assert still_running(children) == []
@@ -390,7 +404,8 @@ def test_on_a_terminal_up_shows_its_steps_what_runs_where_and_a_live_status(tmp_
 
     try:
         text = read_until(lambda t: "running: Ctrl-C to stop" in t, "live status", START_DEADLINE)
-        for step in ("✓ lock", "✓ policy repo", "✓ signing key", "✓ control plane", "✓ apps and sidecars", "✓ sync"):
+        steps = ("✓ lock", "✓ policy repo", "✓ signing key", "✓ mesh identity", "✓ control plane", "✓ apps and sidecars", "✓ sync")
+        for step in steps:
             assert step in text, text
         assert "what runs where" in text and "next things to try:" in text
         assert re.search(r"web\s+v1\s+web-v1-[0-9a-f]{8}\s+synced\s+1", text), text  # the proxies table
@@ -415,23 +430,51 @@ def test_a_later_run_keeps_the_repo_with_its_commits_and_the_key(tmp_path: Path,
     git(repo, "commit", "-qam", "mine")
     first.wait_line(lambda line: line.startswith("release 2 applied everywhere"), "release 2 line", 30)
     key = (state / "keys" / "signing.key").read_bytes()
+    ca, token = (state / "ca" / "ca.crt").read_bytes(), (state / "join-token").read_text()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}\n", token), token
+    assert (state / "join-token").stat().st_mode & 0o777 == 0o600
+    assert (state / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
     assert first.interrupt() == 0, first.output()
 
     again = start_up(example, state)
     again.wait_line(lambda line: line == "running (Ctrl-C to stop)", "`running` line")
-    assert any(line.startswith(f"[2/6] policy repo: kept {repo} as it is") for line in again.lines), again.output()
-    assert any(line.startswith("[3/6] signing key: reused") for line in again.lines), again.output()
+    assert any(line.startswith(f"[2/7] policy repo: kept {repo} as it is") for line in again.lines), again.output()
+    assert any(line.startswith("[3/7] signing key: reused") for line in again.lines), again.output()
+    assert any(line.startswith(f"[4/7] mesh identity: reused {state / 'ca' / 'ca.crt'} (trust domain tiny.local)")
+               for line in again.lines), again.output()  # fmt: skip
     assert git(repo, "log", "--format=%s").splitlines() == ["mine", "Initial policy from " + str(example)]
     assert (state / "keys" / "signing.key").read_bytes() == key
+    assert (state / "ca" / "ca.crt").read_bytes() == ca and (state / "join-token").read_text() == token
     # The control plane kept its releases: it starts on release 2, the one for "mine".
-    assert any(re.match(r"\[4/6\] control plane: http://\S+, release 2 ", line) for line in again.lines), again.output()
+    assert any(re.match(r"\[5/7\] control plane: https://\S+, release 2 ", line) for line in again.lines), again.output()
     assert again.interrupt() == 0, again.output()
     assert leftovers(state) == []
 
 
-def test_a_policy_that_does_not_compile_exits_1_and_stops_what_started(tmp_path: Path, start_up: Callable[..., Up]) -> None:
+def test_a_first_policy_that_does_not_compile_exits_1_before_starting_anything(tmp_path: Path, start_up: Callable[..., Up]) -> None:
+    # The first run makes the mesh CA for the policy's trust domain: no policy, no CA.
     example = tiny_example(tmp_path / "tiny", policy=TINY_POLICY + 'service(name = "web2", bogus = 1)\n')
     state = tmp_path / "state"
+    up = start_up(example, state)
+    assert up.popen.wait(START_DEADLINE) == 1, up.output()
+    up.close()
+    output = up.output()
+    assert "starmesh: error: the policy at " in output and "so the mesh's trust domain for its CA is unknown" in output
+    assert "bogus" in output  # the first diagnostic says why
+    assert not (state / "ca").exists() and not (state / "logs").exists()  # nothing was started
+    assert leftovers(state) == []
+
+
+def test_a_policy_that_does_not_compile_with_a_ca_in_place_exits_1_and_stops_what_started(
+    tmp_path: Path, start_up: Callable[..., Up]
+) -> None:
+    example = tiny_example(tmp_path / "tiny", policy=TINY_POLICY + 'service(name = "web2", bogus = 1)\n')
+    state = tmp_path / "state"
+    made = subprocess.run(
+        [sys.executable, "-m", "starmesh.cli", "ca", "init", "--trust-domain", "tiny.local", "--out", str(state / "ca")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
     up = start_up(example, state)
     assert up.popen.wait(START_DEADLINE) == 1, up.output()
     up.close()
