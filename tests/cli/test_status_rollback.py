@@ -38,7 +38,7 @@ from starmesh.cli.status import StatusDocument, render_status
 DEADLINE = 30.0  # seconds; a bound on waiting for a condition, never an assertion about speed
 
 POLICY = """\
-mesh(name = "shop", mtls = "disable")
+mesh(name = "shop")
 
 service(name = "reviews", versions = ["v1", "v2"])
 
@@ -46,7 +46,7 @@ http_route(service = "reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2
 """
 
 BROKEN = """\
-mesh(name = "shop", mtls = "disable")
+mesh(name = "shop")
 
 service(name = "reviews", versions = ["v1", "v2"])
 
