@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "fsync_directory", "write_atomically"]
+__all__ = ["TEMP_PREFIX", "fsync_directory", "read_bounded", "write_atomically", "write_new_file"]
 
 TEMP_PREFIX = ".starmesh-"
 """Temp files start with this, so a cleanup pass can remove the ones a crash left behind."""
@@ -48,3 +48,22 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def write_new_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Create `path` with `data` and `mode` (whatever the umask), fsynced; never overwrite.
+
+    Raises OSError: FileExistsError when it exists (keys and CAs are never replaced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(file.fileno(), mode)  # the umask may have narrowed or widened it
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_bounded(path: Path, limit: int) -> bytes | None:
+    """The file's bytes, or None when it holds more than `limit` bytes. Raises OSError."""
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    return None if len(data) > limit else data

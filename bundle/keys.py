@@ -8,7 +8,6 @@ public key (DESIGN.md: Releases), the same `keyid` a DSSE signature carries.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from starmesh.bundle.errors import BundleError
+from starmesh.bundle.files import read_bounded, write_new_file
 
 __all__ = [
     "PRIVATE_KEY_FILE",
@@ -144,22 +144,16 @@ def parse_public_key(data: bytes, *, where: str = "public key") -> PublicKey:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        with open(path, "rb") as file:
-            data = file.read(_MAX_KEY_FILE_BYTES + 1)
+        data = read_bounded(path, _MAX_KEY_FILE_BYTES)
     except OSError as exc:
         raise BundleError(f"{path}: cannot read key file: {exc.strerror}") from exc
-    if len(data) > _MAX_KEY_FILE_BYTES:
+    if data is None:
         raise BundleError(f"{path}: too large for a key file (over {_MAX_KEY_FILE_BYTES} bytes)")
     return data
 
 
 def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        write_new_file(path, data, mode=mode)
     except OSError as exc:
         raise BundleError(f"{path}: cannot create key file: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(file.fileno(), mode)  # the umask may have narrowed or widened it
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())

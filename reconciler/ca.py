@@ -24,7 +24,6 @@ for a service). Every failure is a `CAError` saying what is wrong and what to do
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from starmesh.bundle.errors import IdentityError
+from starmesh.bundle.files import read_bounded, write_new_file
 from starmesh.bundle.identity import SPIFFE_SCHEME, control_plane_id, load_certificates, spiffe_id
 from starmesh.compiler.values import ValueProblem, check_domain
 from starmesh.reconciler.errors import CAError
@@ -325,24 +325,18 @@ def _sign(builder: x509.CertificateBuilder, key: PrivateKeyTypes) -> x509.Certif
 
 def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as file:
-            data = file.read(_MAX_FILE_BYTES + 1)
+        data = read_bounded(path, _MAX_FILE_BYTES)
     except FileNotFoundError:
         raise CAError(f"{path}: no such file; {_INIT_HINT}") from None
     except OSError as exc:
         raise CAError(f"{path}: cannot read: {exc.strerror}") from exc
-    if len(data) > _MAX_FILE_BYTES:
+    if data is None:
         raise CAError(f"{path}: over {_MAX_FILE_BYTES} bytes, too large for a CA file")
     return data
 
 
 def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        write_new_file(path, data, mode=mode)
     except OSError as exc:
         raise CAError(f"{path}: cannot create: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(file.fileno(), mode)  # the umask may have narrowed or widened it
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
