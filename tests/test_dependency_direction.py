@@ -4,6 +4,7 @@
     compiler    imports bundle
     runtime     imports bundle only (a proxy never needs Starlark or Git)
     reconciler  imports compiler and bundle
+    preview     imports compiler and bundle (starmesh diff's semantic comparison)
     cli         imports everything
 
 Imports are read with `ast`, so lazy imports inside functions, `if TYPE_CHECKING:`
@@ -23,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PACKAGES = ("bundle", "compiler", "runtime", "reconciler", "cli", "policies")
+PACKAGES = ("bundle", "compiler", "runtime", "reconciler", "preview", "cli", "policies")
 """Top-level folders that install as `starmesh.<folder>`."""
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -31,6 +32,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "compiler": frozenset({"compiler", "bundle", "policies"}),
     "runtime": frozenset({"runtime", "bundle"}),
     "reconciler": frozenset({"reconciler", "compiler", "bundle", "policies"}),
+    "preview": frozenset({"preview", "compiler", "bundle", "policies"}),
     "cli": frozenset(PACKAGES),
     "policies": frozenset({"policies"}),
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("bundle", "compiler", "runtime", "reconciler", "cli", "policies")
+FOLDERS = ("bundle", "compiler", "runtime", "reconciler", "preview", "cli", "policies")
 
 _FENCE = re.compile(r"^```")
 
@@ -131,7 +131,7 @@ def test_installed_policies_hold_the_shipped_star_files() -> None:
 
 
 def test_every_package_ships_py_typed() -> None:
-    for folder in ("bundle", "compiler", "runtime", "reconciler", "cli"):
+    for folder in ("bundle", "compiler", "runtime", "reconciler", "preview", "cli"):
         assert (ROOT / folder / "py.typed").is_file(), f"{folder}/py.typed is missing"
 
 
