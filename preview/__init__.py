@@ -18,12 +18,16 @@ from typing import TYPE_CHECKING
 from starmesh.bundle.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from starmesh.preview.impact import RequestsFileError, SampleRequest, load_requests, request_impacts
     from starmesh.preview.model import Change, DiffReport, Outcome, RequestImpact, Side, TestChanges
+    from starmesh.preview.report import compare
 
-__all__ = ["Change", "DiffReport", "Outcome", "RequestImpact", "Side", "TestChanges"]
+_WHERE = {
+    **dict.fromkeys(("Change", "DiffReport", "Outcome", "RequestImpact", "Side", "TestChanges"), "starmesh.preview.model"),
+    **dict.fromkeys(("RequestsFileError", "SampleRequest", "load_requests", "request_impacts"), "starmesh.preview.impact"),
+    "compare": "starmesh.preview.report",
+}
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {name: "starmesh.preview.model" for name in __all__},
-    __all__,
-)
+__all__ = sorted(_WHERE)
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

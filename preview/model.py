@@ -33,6 +33,7 @@ __all__ = [
     "WIDENS_ACCESS",
     "Change",
     "DiffReport",
+    "ImpactFlag",
     "Outcome",
     "RequestImpact",
     "Side",
