@@ -75,6 +75,55 @@ class PreparedAllow:
                 return True
         return False
 
+    def trace(self, source: str | None, method: str, path: str) -> tuple[bool, str]:
+        """The same decision as `admits`, with the reason (for explain): what held, e.g.
+        `source productpage, method GET, path /reviews/1 (under /reviews/*)`, or every
+        field that did not hold, e.g. `needs source productpage (the request comes from
+        ratings)`."""
+        admitted = self.admits(source, method, path)
+        held: list[str] = []
+        failed: list[str] = []
+        if self.sources is not None:
+            if source is not None and source in self.sources:
+                held.append(f"source {source}")
+            else:
+                who = "has no proven source" if source is None else f"comes from {source}"
+                failed.append(f"needs source {_either(self.sources)} (the request {who})")
+        if self.methods is not None:
+            if method in self.methods:
+                held.append(f"method {method}")
+            else:
+                failed.append(f"needs method {_either(self.methods)} (the request is {method})")
+        if self.exact_paths is not None:
+            pattern = self._path_pattern(path)
+            if pattern is None:
+                wanted = sorted(self.exact_paths) + [f"{p}*" for p in self.path_prefixes]
+                failed.append(f"needs path {_either(wanted)} (the request is for {path})")
+            elif pattern == "*":
+                held.append("any path")
+            elif pattern == path:
+                held.append(f"path {path}")
+            else:
+                held.append(f"path {path} (under {pattern})")
+        if not admitted:
+            return False, " and ".join(failed)
+        return True, ", ".join(held) if held else "every request"
+
+    def _path_pattern(self, path: str) -> str | None:
+        """The `paths` entry that admits `path` (as written), None when none does."""
+        if self.exact_paths is not None and path in self.exact_paths:
+            return path
+        for prefix in self.path_prefixes:
+            if path.startswith(prefix):
+                return f"{prefix}*"
+        return None
+
+
+def _either(values: frozenset[str] | list[str]) -> str:
+    """`a`, `a or b`, `a, b or c` (sorted, so the text is deterministic)."""
+    ordered = sorted(values)
+    return ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedAuthorization:

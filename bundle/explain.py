@@ -12,10 +12,15 @@ What `Decision.to_json()` reports (DESIGN.md, "Explain JSON"):
   declared versions, integers summing to 100 with the remainder to the first ones;
   null when no rule matched;
 - durations are strings as in the policy language ("250ms", "2s", "1m");
-- `authorization`: `{"allowed", "mode", "rule"}`; `mode` is null for a service
-  without authorization; `rule` is the admitting allow rule (`{"index", "file",
-  "line"}`) or null. In audit mode `allowed` is true; `rule` null then means the
-  request would have been denied;
+- `authorization`: `{"allowed", "mode", "rule", "would_deny", "why"}`; `mode` is null
+  for a service without authorization; `rule` is the admitting allow rule (`{"index",
+  "file", "line"}`) or null. In audit mode `allowed` is true; `would_deny` (and `rule`
+  null) then means enforcement would have denied it. `why` is a sentence: which allow
+  admitted the request, or why each allow did not (`PreparedAllow.trace`);
+- service-level settings the calling proxy applies whatever the rule: `load_balancer`,
+  `circuit_breaker` (the declared caps, or the defaults the proxy uses when none are
+  declared), `outlier_detection` (null when not declared) and `mtls` (the service's
+  effective mode);
 - `response`: set when the proxy itself would answer, in hop order: no matching rule
   is 404 `no-route` (as in Envoy and Istio), a fault that aborts 100% of requests is
   its status with reason `fault` (the calling side injects faults before the request
@@ -31,10 +36,10 @@ from typing import Any
 
 import msgspec
 
-from starmesh.bundle.authz import ALLOW_ALL, AuthzDecision
+from starmesh.bundle.authz import ALLOW_ALL, AuthzDecision, PreparedAuthorization
 from starmesh.bundle.match import RequestView, split_path
 from starmesh.bundle.routes import PreparedRule, PreparedService
-from starmesh.bundle.spec import Fault, Mirror, RateLimit, Retries, SourceLocation
+from starmesh.bundle.spec import CircuitBreaker, Fault, Mirror, OutlierDetection, RateLimit, Retries, SourceLocation
 
 __all__ = [
     "Decision",
@@ -88,6 +93,8 @@ class Decision:
     rule: PreparedRule | None
     """The rule that decides the request (the implicit catch-all without http_route)."""
     authorization: AuthzDecision
+    authorization_why: str
+    """Why the authorization decided as it did (`_authorization_why`)."""
     response: ProxyAnswer | None
 
     @property
@@ -122,6 +129,10 @@ class Decision:
             "rate_limit": _rate_limit(self.service.rate_limit),
             "authorization": self._authorization(),
             "response": None if self.response is None else _answer(self.response),
+            "load_balancer": self.service.spec.load_balancer,
+            "circuit_breaker": _circuit_breaker(self.service.spec.circuit_breaker or CircuitBreaker()),
+            "outlier_detection": _outlier_detection(self.service.spec.outlier_detection),
+            "mtls": self.service.mtls,
         }
 
     def _authorization(self) -> dict[str, Any]:
@@ -129,7 +140,13 @@ class Decision:
         ref = None
         if authz.rule_index is not None and self.service.authorization is not None:
             ref = _ref(authz.rule_index, self.service.authorization.rules[authz.rule_index].location)
-        return {"allowed": authz.allowed, "mode": authz.mode, "rule": ref}
+        return {
+            "allowed": authz.allowed,
+            "mode": authz.mode,
+            "rule": ref,
+            "would_deny": authz.would_deny,
+            "why": self.authorization_why,
+        }
 
 
 def header_map(headers: tuple[tuple[str, str], ...] | dict[str, str]) -> dict[str, str]:
@@ -192,6 +209,53 @@ def _rate_limit(r: RateLimit | None) -> dict[str, Any] | None:
     return None if r is None else {"requests_per_second": r.requests_per_second, "burst": r.burst}
 
 
+def _circuit_breaker(c: CircuitBreaker) -> dict[str, Any]:
+    return {
+        "max_connections": c.max_connections,
+        "max_pending_requests": c.max_pending_requests,
+        "max_requests": c.max_requests,
+    }
+
+
+def _outlier_detection(o: OutlierDetection | None) -> dict[str, Any] | None:
+    if o is None:
+        return None
+    return {
+        "consecutive_5xx": o.consecutive_5xx,
+        "interval": format_duration(o.interval_ms),
+        "base_ejection_time": format_duration(o.base_ejection_time_ms),
+        "max_ejection_percent": o.max_ejection_percent,
+    }
+
+
+def _where(location: SourceLocation | None) -> str:
+    return "" if location is None else f" ({location.file}:{location.line})"
+
+
+def _authorization_why(
+    authz: PreparedAuthorization | None, decision: AuthzDecision, source: str | None, method: str, path: str
+) -> str:
+    """Which allow admitted the request, or why each allow did not (the same `admits`
+    the decision used, through `PreparedAllow.trace`)."""
+    if authz is None:
+        return "no authorization: every request is allowed"
+    if decision.rule_index is not None:
+        allow = authz.rules[decision.rule_index]
+        _, held = allow.trace(source, method, path)
+        return f"allow[{allow.index}]{_where(allow.location)} admits {held}"
+    if authz.rules:
+        reasons = "; ".join(
+            f"allow[{allow.index}]{_where(allow.location)} {allow.trace(source, method, path)[1]}"
+            for allow in authz.rules
+        )
+        denial = f"no allow admits the request: {reasons}"
+    else:
+        denial = "the authorization has no allow rules, so it admits nothing"
+    if decision.would_deny:
+        return f"audit mode lets it through, logged as would_deny: enforcement would deny it; {denial}"
+    return denial
+
+
 def _trace_rule(rule: PreparedRule, req: RequestView) -> Step:
     """The same decision as `PreparedRule.applies`, with the reason."""
     assert rule.index is not None
@@ -225,6 +289,7 @@ def explain_request(service: PreparedService, request: RequestInfo) -> Decision:
                 winner = rule
                 break
     authz = ALLOW_ALL if service.authorization is None else service.authorization.decide(request.source, method, path)
+    why = _authorization_why(service.authorization, authz, request.source, method, path)
     response: ProxyAnswer | None = None
     if winner is None:
         response = ProxyAnswer(404, "no-route")
@@ -232,4 +297,4 @@ def explain_request(service: PreparedService, request: RequestInfo) -> Decision:
         response = ProxyAnswer(winner.fault.abort_status, "fault")
     elif not authz.allowed:
         response = ProxyAnswer(403, "denied")
-    return Decision(request, service, tuple(steps), winner, authz, response)
+    return Decision(request, service, tuple(steps), winner, authz, why, response)

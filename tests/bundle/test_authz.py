@@ -61,14 +61,28 @@ def test_audit_mode_allows_but_reports_would_deny() -> None:
     admitted = table.authorize("reviews", "productpage", "GET", "/")
     assert (admitted.allowed, admitted.would_deny, admitted.rule_index) == (True, False, 0)
     explained = table.explain(RequestInfo(service="reviews", source="details")).to_json()
-    assert explained["authorization"] == {"allowed": True, "mode": "audit", "rule": None}
+    assert explained["authorization"] == {
+        "allowed": True,
+        "mode": "audit",
+        "rule": None,
+        "would_deny": True,
+        "why": "audit mode lets it through, logged as would_deny: enforcement would deny it; no allow admits the "
+        "request: allow[0] (authz.star:5) needs source productpage (the request comes from details)",
+    }
     assert explained["response"] is None
 
 
 def test_explain_reports_denial_as_403_and_the_admitting_rule() -> None:
     table = _table(Allow(methods=("POST",)), Allow(sources=("productpage",)))
     denied = table.explain(RequestInfo(service="reviews", source="details")).to_json()
-    assert denied["authorization"] == {"allowed": False, "mode": "enforce", "rule": None}
+    assert denied["authorization"] == {
+        "allowed": False,
+        "mode": "enforce",
+        "rule": None,
+        "would_deny": False,
+        "why": "no allow admits the request: allow[0] (authz.star:5) needs method POST (the request is GET); "
+        "allow[1] (authz.star:6) needs source productpage (the request comes from details)",
+    }
     assert denied["response"] == {"status": 403, "reason": "denied"}
     allowed = table.explain(RequestInfo(service="reviews", source="productpage")).to_json()
     assert allowed["authorization"]["rule"] == {"index": 1, "file": "authz.star", "line": 6}

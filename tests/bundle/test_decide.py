@@ -255,8 +255,19 @@ def test_explain_json_has_exactly_the_designed_shape() -> None:
         "fault": {"delay": "2s", "delay_percent": 10, "abort_status": None, "abort_percent": 0},
         "mirror": {"version": "v3", "percent": 5},
         "rate_limit": {"requests_per_second": 50, "burst": 100},
-        "authorization": {"allowed": True, "mode": "enforce", "rule": {"index": 0, "file": "authz.star", "line": 3}},
+        "authorization": {
+            "allowed": True,
+            "mode": "enforce",
+            "rule": {"index": 0, "file": "authz.star", "line": 3},
+            "would_deny": False,
+            "why": "allow[0] (authz.star:3) admits source productpage",
+        },
         "response": None,
+        # Added to DESIGN's keys (never renamed): the service-level settings the calling proxy applies.
+        "load_balancer": "round_robin",
+        "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
+        "outlier_detection": None,
+        "mtls": "strict",
     }
 
 

@@ -205,6 +205,8 @@ def test_explain_names_the_wide_open_allow_that_lint_reported(tmp_path: Path) ->
         "allowed": True,
         "mode": "enforce",
         "rule": {"index": 1, "file": "mesh.star", "line": wide_open.line},
+        "would_deny": False,
+        "why": f"allow[1] (mesh.star:{wide_open.line}) admits path /admin (under /*)",
     }
     assert explained["response"] is None
 
@@ -214,15 +216,32 @@ def test_explain_of_a_denied_request_names_no_rule_and_the_mode(tmp_path: Path) 
     assert result.bundle is not None
     table = DecisionTable.build(result.bundle.spec)
     denied = table.explain(RequestInfo(service="cart", method="DELETE", path="/cart/1", source="web")).to_json()
-    assert denied["authorization"] == {"allowed": False, "mode": "enforce", "rule": None}
+    cart_allow = line_of(EDGE_POLICY, 'allow(sources = ["web"]')
+    assert denied["authorization"] == {
+        "allowed": False,
+        "mode": "enforce",
+        "rule": None,
+        "would_deny": False,
+        "why": f"no allow admits the request: allow[0] (mesh.star:{cart_allow}) needs method GET or POST "
+        "(the request is DELETE)",
+    }
     assert denied["response"] == {"status": 403, "reason": "denied"}
     unidentified = table.explain(RequestInfo(service="cart", method="GET", path="/cart/1")).to_json()
-    assert unidentified["authorization"] == {"allowed": False, "mode": "enforce", "rule": None}
+    assert unidentified["authorization"] == {
+        "allowed": False,
+        "mode": "enforce",
+        "rule": None,
+        "would_deny": False,
+        "why": f"no allow admits the request: allow[0] (mesh.star:{cart_allow}) needs source web "
+        "(the request has no proven source)",
+    }
     admitted = table.explain(RequestInfo(service="cart", method="GET", path="/cart/1", source="web")).to_json()
     assert admitted["authorization"] == {
         "allowed": True,
         "mode": "enforce",
-        "rule": {"index": 0, "file": "mesh.star", "line": line_of(EDGE_POLICY, 'allow(sources = ["web"]')},
+        "rule": {"index": 0, "file": "mesh.star", "line": cart_allow},
+        "would_deny": False,
+        "why": f"allow[0] (mesh.star:{cart_allow}) admits source web, method GET, path /cart/1 (under /cart/*)",
     }
 
 
@@ -234,5 +253,8 @@ def test_explain_in_audit_mode_allows_and_names_no_rule_for_a_would_be_denial(tm
     assert "SM407" in {f.code for f in result.findings}
     table = DecisionTable.build(result.bundle.spec)
     audited = table.explain(RequestInfo(service="cart", method="DELETE", path="/cart/1", source="web")).to_json()
-    assert audited["authorization"] == {"allowed": True, "mode": "audit", "rule": None}
+    assert {k: audited["authorization"][k] for k in ("allowed", "mode", "rule", "would_deny")} == {
+        "allowed": True, "mode": "audit", "rule": None, "would_deny": True,
+    }
+    assert audited["authorization"]["why"].startswith("audit mode lets it through, logged as would_deny")
     assert audited["response"] is None
