@@ -1,8 +1,11 @@
 """Preview before rollout: the semantic comparison behind `starmesh diff`.
 
     model      Change, DiffReport, RequestImpact, Side, the risk labels
-    semantic   diff_specs(old, new): mesh, services, routes -> changes (pairs objects by key)
+    semantic   diff_specs(old, new): mesh, services, routes -> changes (pairs objects by key);
+               semantic_mesh, semantic_services, semantic_routes (rule pairing, shadowing),
+               semantic_settings (one setting and its risk), semantic_text (summaries)
     access     diff_access(old, new): authorization as caller -> service edges gained or lost
+               (access_atoms: the requests compared; access_text: their summaries)
     impact     SampleRequest, load_requests, request_impacts: sample requests before and after
     report     compare(base, head): the whole DiffReport of two bundles
 

@@ -121,6 +121,8 @@ class TestChanges:
     """Golden requests (`request_test`) added, removed or changed, by name. They are
     checks, not behaviour: they never make `behaviour_changed` true."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()

@@ -14,18 +14,21 @@ a prefix covers a longer path only at a "/" boundary or when the prefix ends in 
 (true whether prefixes are matched by segment or by characters), regexes only when
 identical, header/query conditions when equal or when the earlier one is present().
 
+`unreachable_rules` is the same analysis as data (rule index -> the earlier rules that
+make it unreachable), for `starmesh diff` to report rules that become shadowed.
+
 (An http_route without rules is rejected while the Spec is built, SM207.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from starmesh.bundle.spec import Match, Rule, StringMatch
 from starmesh.compiler.diagnostics import Finding
 from starmesh.compiler.rules.context import LintContext, quoted, route_key
 
-__all__ = ["covers", "is_catch_all", "shadowed_by_catch_all", "shadowed_by_earlier_rule"]
+__all__ = ["covers", "is_catch_all", "shadowed_by_catch_all", "shadowed_by_earlier_rule", "unreachable_rules"]
 
 _MATCH_ALL_REGEXES = frozenset({".*", "^.*$", "^.*", ".*$", "/.*", "^/.*", "/.*$", "^/.*$"})
 _MATCH_ALL_PREFIXES = frozenset({"", "/"})
@@ -97,11 +100,40 @@ def covers(earlier: Match, later: Match) -> bool:
     )
 
 
-def _first_catch_all(rules: tuple[Rule, ...]) -> int | None:
+def _first_catch_all(rules: Sequence[Rule]) -> int | None:
     for index, rule in enumerate(rules):
         if is_catch_all(rule):
             return index
     return None
+
+
+def _covering_rules(rules: Sequence[Rule], index: int) -> tuple[int, ...] | None:
+    """The earlier rules that together cover every match of `rules[index]` (first cover
+    of each match, in order of appearance), or None when some match is not covered."""
+    shadowing: list[int] = []
+    for match in rules[index].match:
+        by = next((i for i in range(index) if any(covers(m, match) for m in rules[i].match)), None)
+        if by is None:
+            return None
+        if by not in shadowing:
+            shadowing.append(by)
+    return tuple(shadowing)
+
+
+def unreachable_rules(rules: Sequence[Rule]) -> dict[int, tuple[int, ...]]:
+    """Every rule of an http_route that can never match: its index -> the earlier rules
+    that make it unreachable (the first catch-all, SM401, or the rules covering each of
+    its matches, SM411). Reachable rules are left out; the catch-all rule itself too."""
+    first = _first_catch_all(rules)
+    stop = len(rules) if first is None else first
+    found: dict[int, tuple[int, ...]] = {}
+    for index in range(1, stop):
+        covering = _covering_rules(rules, index)
+        if covering is not None:
+            found[index] = covering
+    if first is not None:
+        found.update((index, (first,)) for index in range(first + 1, len(rules)))
+    return found
 
 
 def shadowed_by_catch_all(ctx: LintContext) -> Iterator[Finding]:
@@ -128,24 +160,15 @@ def shadowed_by_earlier_rule(ctx: LintContext) -> Iterator[Finding]:
         first = _first_catch_all(rules)
         stop = len(rules) if first is None else first
         for index in range(1, stop):
-            rule = rules[index]
-            shadowing: list[int] = []
-            for match in rule.match:
-                by = next(
-                    (i for i in range(index) if any(covers(m, match) for m in rules[i].match)),
-                    None,
-                )
-                if by is None:
-                    break
-                if by not in shadowing:
-                    shadowing.append(by)
-            else:
-                names = " and ".join(f"rules[{i}]" for i in shadowing)
-                verb = "match" if len(shadowing) > 1 else "matches"
-                yield ctx.finding(
-                    "SM411",
-                    route_key(service, index),
-                    f"rules[{index}] of http_route {quoted(service)} can never match: "
-                    f"{names} before it already {verb} every request it matches",
-                    "move this rule above the broader one, or remove it",
-                )
+            shadowing = _covering_rules(rules, index)
+            if shadowing is None:
+                continue
+            names = " and ".join(f"rules[{i}]" for i in shadowing)
+            verb = "match" if len(shadowing) > 1 else "matches"
+            yield ctx.finding(
+                "SM411",
+                route_key(service, index),
+                f"rules[{index}] of http_route {quoted(service)} can never match: "
+                f"{names} before it already {verb} every request it matches",
+                "move this rule above the broader one, or remove it",
+            )
