@@ -12,6 +12,8 @@ from starmesh.cli.ca import ca_group
 from starmesh.cli.compile import compile_command
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_plane import control_plane_command
+from starmesh.cli.diff import diff_command
+from starmesh.cli.explain import explain_command
 from starmesh.cli.keygen import keygen_command
 from starmesh.cli.lint import lint_command
 from starmesh.cli.proxy import proxy_command
@@ -43,6 +45,8 @@ def main(ctx: click.Context) -> None:
 
 main.add_command(lint_command)
 main.add_command(compile_command)
+main.add_command(diff_command)
+main.add_command(explain_command)
 main.add_command(proxy_command)
 main.add_command(keygen_command)
 main.add_command(control_plane_command)

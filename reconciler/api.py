@@ -20,9 +20,12 @@ NACK backoff (`Rollout.nack_hold`): until then its long-poll holds, or answers 2
 Every long-poll ends when the app shuts down, so SIGTERM never waits out a hold.
 
 With mesh identity (`make_app(..., identity=)`, served over TLS) the proxy routes
-(release, bundles, endpoints, proxies) need a valid client SVID (401 otherwise), and a
-proxy registers and reports only as its certificate's service (403); /healthz, /readyz,
-/v1/status and /v1/rollback stay open to operators. certificates.py has the checks.
+(release, endpoints, proxies) need a valid client SVID (401 otherwise), and a proxy
+registers and reports only as its certificate's service (403); /healthz, /readyz,
+/v1/status, /v1/rollback and /v1/bundles stay open to operators (`starmesh diff
+--against` reads the bundle a release names: content-addressed policy, the same bytes
+the policy repository compiles to, whose digest /v1/status already shows).
+certificates.py has the checks.
 
 Request bodies are JSON checked with msgspec; bodies over 64 KiB are 413. Every refusal
 is a 4xx (or 503) with `{"error": "..."}` that says what is wrong and what to do.
@@ -267,7 +270,7 @@ def make_app(
     proxies_only = _unguarded if identity is None else require_svid(identity)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
     app.router.add_get("/v1/release", proxies_only(release))
-    app.router.add_get("/v1/bundles/{digest}", proxies_only(bundle))
+    app.router.add_get("/v1/bundles/{digest}", bundle)  # open: `diff --against` reads it (module docs)
     app.router.add_get("/v1/endpoints", proxies_only(endpoints))
     app.router.add_post("/v1/proxies/{proxy_id}", proxies_only(heartbeat))
     app.router.add_post("/v1/proxies/{proxy_id}/status", proxies_only(report))

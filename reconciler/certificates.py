@@ -11,7 +11,7 @@ for both ends:
       │   or its current SVID (client cert)    renewal: the SVID's own service only (403)
       │   neither ─► 401 saying what was missing  ─► issue_svid(ca, csr, service, lifetime)
       │
-      │ GET  /v1/release, /v1/bundles/*, /v1/endpoints   require_svid: a valid client SVID
+      │ GET  /v1/release, /v1/endpoints                  require_svid: a valid client SVID
       │ POST /v1/proxies/*                               (verify_svid, usage client), else 401;
       │                                                  its service is request[PEER_SERVICE];
       │                                                  caller_mismatch: it speaks only for

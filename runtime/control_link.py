@@ -3,7 +3,7 @@
     start()   the workload identity's renewal loop (which also gets the first certificate),
               then the ControlPlaneClient's loops: at once when there is a certificate (or
               no --ca-cert), else as soon as the first one is in, since the control plane
-              serves releases, bundles and endpoints to certified proxies only
+              serves releases and endpoints to certified proxies only
     close()   the client first (no apply starts while the proxy winds down), the rest after
 
 The two have a session each: a certificate request never waits behind a long-poll.

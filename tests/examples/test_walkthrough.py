@@ -385,6 +385,44 @@ def rollback_applied(ran: Ran, walk: Walk) -> None:
     assert walk.notes["bundle 4"] == walk.notes["bundle 2"]
 
 
+def diff_preview(ran: Ran, walk: Walk) -> None:
+    """`starmesh diff` of the uncommitted split change: one traffic shift, the golden
+    request it updates, and the requests whose destination moves."""
+    assert ran.returncode == 0, "expected exit 0"
+    lines = ran.stdout.splitlines()
+    assert lines[1].startswith("base  HEAD (") and lines[2].startswith("head  working tree  sha256:"), lines[:3]
+    [change] = [line for line in lines if "[shifts 100% of traffic]" in line]
+    assert "v1 80% → 0%, v2 0% → 100%, v3 20% → 0%" in change and change.endswith("lib/routing.star:12"), change
+    assert "1 change in behaviour: 1 shifts 100% of traffic" in lines
+    assert '  changed: "everyone but jason gets the general reviews split"' in lines
+    assert "requests: 15 tried, 2 changed" in lines
+    rows = [re.split(r"\s{2,}", line) for line in lines if line.startswith("everyone but jason gets the general ")]
+    assert rows == [[
+        "everyone but jason gets the general reviews split", "golden", "v1 80%, v2 0%, v3 20%", "v1 0%, v2 100%, v3 0%",
+        "destination",
+    ]], rows  # fmt: skip
+
+
+def diff_against_rollback(ran: Ran, walk: Walk) -> None:
+    """`diff HEAD --against $CP` after the rollback: release 4 (release 2's bundle) runs;
+    HEAD is release 3's commit, the delay fault and the 1 s timeout."""
+    assert ran.returncode == 0, "expected exit 0"
+    lines = ran.stdout.splitlines()
+    base = f"base  control plane {walk.variables['CP']} (release 4)  {walk.notes['bundle 2'][:19]}"
+    assert lines[1] == base, lines[:3]
+    assert lines[2].startswith("head  HEAD ("), lines[:3]
+    [fault] = [line for line in lines if "[adds faults]" in line]
+    assert "delay 1500ms for 100%" in fault and fault.endswith("lib/routing.star:32"), fault
+    assert any(line.startswith("  reviews: timeout 2500ms → 1s") for line in lines), lines
+    assert "2 changes in behaviour: 1 adds faults" in lines
+
+
+def diff_revert(ran: Ran, walk: Walk) -> None:
+    assert ran.returncode == 0, "expected exit 0"
+    lines = ran.stdout.splitlines()
+    assert "no change in behaviour" in lines and "requests: 15 tried, 0 changed" in lines, lines
+
+
 # --------------------------------------------------------------------------- the steps
 
 CA = "--ca-cert .starmesh/ca/ca.crt"
@@ -439,6 +477,7 @@ STEPS: list[Step] = [
         file_has("lib/golden.star", 'backends = {"v2": 100}'),
     ),
     Step(LINT, LINT_CLEAN),
+    Step("starmesh diff --repo .starmesh/repo", diff_preview),
     Step('git -C .starmesh/repo commit -am "reviews: everyone on v2"', committed("reviews: everyone on v2")),
     # 4. the rollout and the traffic shift
     Step(STATUS, rollout_reached(2), wait=SHORT_DEADLINE),
@@ -479,8 +518,10 @@ STEPS: list[Step] = [
     ),
     Step(STATUS, rollback_applied, wait=SHORT_DEADLINE),
     Step(SLOW, slow_tester(reviews="v2", error=None), wait=SHORT_DEADLINE),
+    Step(f"starmesh diff HEAD --repo .starmesh/repo --against $CP {CA}", diff_against_rollback),
     Step("git -C .starmesh/repo revert --no-edit HEAD", exits(0)),
     Step(STATUS, rollout_reached(5), wait=SHORT_DEADLINE),
+    Step("starmesh diff HEAD~2 HEAD --repo .starmesh/repo", diff_revert),
 ]
 
 
