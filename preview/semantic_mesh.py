@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starmesh.bundle.spec import MeshConfig, Rollout, Spec
 from starmesh.preview.model import REMOVES_PROTECTION, Change
-from starmesh.preview.semantic_settings import SettingChange, mtls_change
+from starmesh.preview.semantic_settings import SettingChange, as_change, mtls_change
 from starmesh.preview.semantic_text import ARROW, policy_json, settings_change_text
 
 __all__ = ["mesh_changes"]
@@ -50,17 +50,4 @@ def mesh_changes(old: Spec, new: Spec) -> list[Change]:
         "mesh.access_log": _settings(old.mesh, new.mesh, "access_log"),
         "mesh.rollout": _settings(old.mesh, new.mesh, "rollout"),
     }
-    return [
-        Change(
-            service=None,
-            kind=kind,
-            summary=f"mesh: {change.what}",
-            old=change.old,
-            new=change.new,
-            risk=change.risk,
-            file=None if where is None else where.file,
-            line=None if where is None else where.line,
-        )
-        for kind, change in found.items()
-        if change is not None
-    ]
+    return [as_change(None, kind, "mesh", change, where) for kind, change in found.items() if change is not None]

@@ -28,6 +28,7 @@ from starmesh.compiler.rules.shadowing import unreachable_rules
 from starmesh.preview.model import CHANGES_PRECEDENCE, REMOVES_ROUTE, UNREACHABLE_RULE, Change, shifts_traffic
 from starmesh.preview.semantic_settings import (
     SettingChange,
+    as_change,
     fault_change,
     headers_change,
     mirror_change,
@@ -209,34 +210,13 @@ def _reorder(old: _Side, new: _Side, pairs: Sequence[tuple[int, int]]) -> Change
         return None
     before = [describe_matches(old.rules[i].match) for i, _ in pairs]
     after = [describe_matches(new.rules[j].match) for _, j in in_new_order]
-    where = new.http_route
 
     def listed(descriptions: list[str]) -> str:
         return ", ".join(f"({d})" for d in descriptions)
 
-    return Change(
-        service=new.name,
-        kind="route.reordered",
-        summary=f"{new.name}: rules reordered: {listed(before)} {ARROW} {listed(after)}",
-        old=before,
-        new=after,
-        risk=(CHANGES_PRECEDENCE,),
-        file=None if where is None else where.file,
-        line=None if where is None else where.line,
-    )
-
-
-def _change(subject: str, kind: str, change: SettingChange, where: SourceLocation | None, service: str) -> Change:
-    return Change(
-        service=service,
-        kind=kind,
-        summary=f"{subject}: {change.what}",
-        old=change.old,
-        new=change.new,
-        risk=change.risk,
-        file=None if where is None else where.file,
-        line=None if where is None else where.line,
-    )
+    what = f"rules reordered: {listed(before)} {ARROW} {listed(after)}"
+    reordered = SettingChange(what, before, after, (CHANGES_PRECEDENCE,))
+    return as_change(new.name, "route.reordered", new.name, reordered, new.http_route)
 
 
 def route_changes(
@@ -253,16 +233,16 @@ def route_changes(
     by_index = set(pairing.by_index)
     for i, j in pairing.pairs:
         for kind, subject, change in _pair_changes(old, i, new, j, (i, j) in by_index):
-            positioned.append(((j, 0, 0), _change(subject, kind, change, new.location(j), name)))
+            positioned.append(((j, 0, 0), as_change(name, kind, subject, change, new.location(j))))
     for j in pairing.added:
         for kind, subject, change in _added_changes(old, new, j):
-            positioned.append(((j, 0, 0), _change(subject, kind, change, new.location(j), name)))
+            positioned.append(((j, 0, 0), as_change(name, kind, subject, change, new.location(j))))
     head_of = dict(pairing.pairs)
     for i in pairing.removed:
         before = max((k for k in head_of if k < i), default=None)
         after = -1 if before is None else head_of[before]
         what = f"rule removed (it sent {old.traffic(i)})"
         removed = SettingChange(what, policy_json(old.rules[i]), None, (REMOVES_ROUTE,))
-        positioned.append(((after, 1, i), _change(old.named(i), "route.removed", removed, old.location(i), name)))
+        positioned.append(((after, 1, i), as_change(name, "route.removed", old.named(i), removed, old.location(i))))
     positioned.sort(key=lambda item: item[0])
     return [change for _, change in positioned]

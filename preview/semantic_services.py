@@ -15,6 +15,7 @@ from starmesh.bundle.spec import Service
 from starmesh.preview.model import REMOVES_ROUTE, Change
 from starmesh.preview.semantic_settings import (
     SettingChange,
+    as_change,
     circuit_breaker_change,
     mtls_change,
     outlier_detection_change,
@@ -67,25 +68,14 @@ def service_changes(name: str, old: PreparedService | None, new: PreparedService
     if new is None:
         if old is None:
             return []
-        where = old.location
-        return [
-            Change(
-                service=name,
-                kind="service.removed",
-                summary=f"{name}: service removed ({_outline(old.spec)}); requests for it get 404 no-route",
-                old=policy_json(old.spec),
-                risk=(REMOVES_ROUTE,),
-                file=None if where is None else where.file,
-                line=None if where is None else where.line,
-            )
-        ]
-    where = new.location
-    file, line = (None, None) if where is None else (where.file, where.line)
+        what = f"service removed ({_outline(old.spec)}); requests for it get 404 no-route"
+        removed = SettingChange(what, policy_json(old.spec), None, (REMOVES_ROUTE,))
+        return [as_change(name, "service.removed", name, removed, old.location)]
     if old is None:
-        summary = f"{name}: service added ({_outline(new.spec)})"
-        return [Change(name, "service.added", summary, new=policy_json(new.spec), file=file, line=line)]
+        added = SettingChange(f"service added ({_outline(new.spec)})", None, policy_json(new.spec))
+        return [as_change(name, "service.added", name, added, new.location)]
     return [
-        Change(name, kind, f"{name}: {change.what}", change.old, change.new, change.risk, file, line)
+        as_change(name, kind, name, change, new.location)
         for kind, change in _settings(old, new).items()
         if change is not None
     ]

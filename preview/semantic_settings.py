@@ -4,7 +4,7 @@ Services and routing rules share these: a rule's own timeout compares like a
 service's, and both are "removed or raised: removes protection". Each function returns
 None when the setting behaves the same, else a `SettingChange` (the words after the
 subject, the JSON values, the risk labels); the caller knows the subject and where it
-was declared, and makes the `Change`.
+was declared, and `as_change` makes the reported `Change` of the two.
 
 What loosens a guard (docs/design/issue6-interfaces.md): a timeout or a retry's
 per-try timeout removed or raised; a circuit breaker, outlier detection or rate limit
@@ -22,8 +22,23 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from starmesh.bundle.spec import CircuitBreaker, Fault, Mirror, OutlierDetection, RateLimit, Retries
-from starmesh.preview.model import ADDS_FAULTS, MIRRORS_TRAFFIC, NARROWS_ACCESS, RELAXES_MTLS, REMOVES_PROTECTION
+from starmesh.bundle.spec import (
+    CircuitBreaker,
+    Fault,
+    Mirror,
+    OutlierDetection,
+    RateLimit,
+    Retries,
+    SourceLocation,
+)
+from starmesh.preview.model import (
+    ADDS_FAULTS,
+    MIRRORS_TRAFFIC,
+    NARROWS_ACCESS,
+    RELAXES_MTLS,
+    REMOVES_PROTECTION,
+    Change,
+)
 from starmesh.preview.semantic_text import (
     ARROW,
     duration_text,
@@ -35,6 +50,7 @@ from starmesh.preview.semantic_text import (
 
 __all__ = [
     "SettingChange",
+    "as_change",
     "circuit_breaker_change",
     "fault_change",
     "headers_change",
@@ -57,6 +73,23 @@ class SettingChange:
     old: Any
     new: Any
     risk: tuple[str, ...] = ()
+
+
+def as_change(
+    service: str | None, kind: str, subject: str, change: SettingChange, where: SourceLocation | None
+) -> Change:
+    """The reported `Change`: summary `subject: what` (`reviews rules[1]: timeout 1s →
+    none`), pointing at `where` (the declaration it comes from, when the source map has it)."""
+    return Change(
+        service=service,
+        kind=kind,
+        summary=f"{subject}: {change.what}",
+        old=change.old,
+        new=change.new,
+        risk=change.risk,
+        file=None if where is None else where.file,
+        line=None if where is None else where.line,
+    )
 
 
 def _raised(old: float | None, new: float | None) -> bool:

@@ -5,20 +5,14 @@ Both sides are compiled from real policy files in temporary directories."""
 
 from __future__ import annotations
 
-import itertools
 import textwrap
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from starmesh.bundle.spec import Spec
-from starmesh.compiler.compile import compile_tree
 from starmesh.preview import access
 from starmesh.preview.access import diff_access
 from starmesh.preview.model import NARROWS_ACCESS, REMOVES_PROTECTION, WIDENS_ACCESS, Change
-
-Compile = Callable[[str], Spec]
 
 SERVICES = """
 mesh(name = "bookinfo", mtls = "{mtls}")
@@ -29,30 +23,8 @@ service(name = "ratings")
 
 
 def policy(text: str, mtls: str = "strict") -> str:
+    """The services above, the mesh's mode `mtls`, then `text`: a whole mesh.star."""
     return textwrap.dedent(SERVICES.format(mtls=mtls)).lstrip("\n") + textwrap.dedent(text).lstrip("\n")
-
-
-def line_of(text: str, needle: str) -> int:
-    """The 1-based line of the first occurrence of `needle` in a policy."""
-    found = [n for n, line in enumerate(text.splitlines(), 1) if needle in line]
-    assert found, f"{needle!r} not in the policy"
-    return found[0]
-
-
-@pytest.fixture
-def compile_policy(tmp_path: Path) -> Compile:
-    """Compile one mesh.star text into its Spec (it must compile)."""
-    counter = itertools.count()
-
-    def run(text: str) -> Spec:
-        root = tmp_path / f"policy{next(counter)}"
-        root.mkdir()
-        (root / "mesh.star").write_text(text, encoding="utf-8")
-        result = compile_tree(root)
-        assert result.bundle is not None, [str(f) for f in result.findings]
-        return result.bundle.spec
-
-    return run
 
 
 def summaries(changes: list[Change]) -> list[str]:
@@ -73,45 +45,45 @@ authorization("reviews", rules = [
 """
 
 
-def test_an_allow_added_for_a_caller_is_an_edge_gained_at_the_head_rule(compile_policy: Compile) -> None:
+def test_an_allow_added_for_a_caller_is_an_edge_gained_at_the_head_rule(h: Any) -> None:
     head = policy(RATINGS_TOO)
-    changes = diff_access(compile_policy(policy(READS_REVIEWS)), compile_policy(head))
+    changes = diff_access(h.compile(policy(READS_REVIEWS)), h.compile(head))
 
     assert summaries(changes) == ["ratings → reviews GET /reviews/* now allowed"]
     (gained,) = changes
     assert gained.service == "reviews"
     assert gained.kind == "access.gained"
     assert gained.risk == (WIDENS_ACCESS,)
-    assert (gained.file, gained.line) == ("mesh.star", line_of(head, 'sources = ["ratings"]'))
+    assert (gained.file, gained.line) == ("mesh.star", h.line_of(head, 'sources = ["ratings"]'))
     request = {"methods": ["GET"], "paths": ["/reviews/*"], "except_methods": [], "except_paths": []}
     common = {"source": "ratings", "except_sources": [], "methods": ["GET"], "paths": ["/reviews/*"]}
     assert gained.old == {**common, "allowed": False, "requests": [request]}
     assert gained.new == {**common, "allowed": True, "requests": [request]}
 
 
-def test_a_method_dropped_from_an_allow_is_an_edge_lost_at_the_base_rule(compile_policy: Compile) -> None:
+def test_a_method_dropped_from_an_allow_is_an_edge_lost_at_the_base_rule(h: Any) -> None:
     base = policy(READS_REVIEWS)
     head = policy(READS_REVIEWS.replace('["GET", "POST"]', '["GET"]'))
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert summaries(changes) == ["productpage → reviews POST /reviews/* now denied"]
     (lost,) = changes
     assert lost.kind == "access.lost"
     assert lost.risk == (NARROWS_ACCESS,)
-    assert (lost.file, lost.line) == ("mesh.star", line_of(base, 'sources = ["productpage"]'))
+    assert (lost.file, lost.line) == ("mesh.star", h.line_of(base, 'sources = ["productpage"]'))
     assert lost.old["allowed"] is True and lost.new["allowed"] is False
     assert lost.new["methods"] == ["POST"]
 
 
-def test_authorization_added_narrows_access_for_every_caller_it_does_not_admit(compile_policy: Compile) -> None:
+def test_authorization_added_narrows_access_for_every_caller_it_does_not_admit(h: Any) -> None:
     head = policy(READS_REVIEWS)
-    changes = diff_access(compile_policy(policy("")), compile_policy(head))
+    changes = diff_access(h.compile(policy("")), h.compile(head))
 
     assert [c.kind for c in changes] == ["authorization.added", "access.lost", "access.lost"]
     added = changes[0]
     assert added.summary == "reviews: authorization added (denies what no allow admits; 1 allow rule)"
     assert added.risk == (NARROWS_ACCESS,)
-    assert (added.file, added.line) == ("mesh.star", line_of(head, 'authorization("reviews"'))
+    assert (added.file, added.line) == ("mesh.star", h.line_of(head, 'authorization("reviews"'))
     assert added.old is None and added.new["mode"] == "enforce"
     # productpage keeps GET and POST on /reviews/*; everyone else (mTLS is strict, so
     # unauthenticated clients never got in) loses everything.
@@ -125,22 +97,22 @@ def test_authorization_added_narrows_access_for_every_caller_it_does_not_admit(c
     assert all((c.file, c.line) == (added.file, added.line) for c in changes[1:])
 
 
-def test_authorization_removed_widens_access_and_points_at_the_base(compile_policy: Compile) -> None:
+def test_authorization_removed_widens_access_and_points_at_the_base(h: Any) -> None:
     base = policy("\n\n" + READS_REVIEWS)  # the base's lines differ from anything in the head
-    changes = diff_access(compile_policy(base), compile_policy(policy("")))
+    changes = diff_access(h.compile(base), h.compile(policy("")))
 
     assert [c.kind for c in changes] == ["authorization.removed", "access.gained", "access.gained"]
     removed = changes[0]
     assert removed.risk == (WIDENS_ACCESS, REMOVES_PROTECTION)
-    assert (removed.file, removed.line) == ("mesh.star", line_of(base, 'authorization("reviews"'))
+    assert (removed.file, removed.line) == ("mesh.star", h.line_of(base, 'authorization("reviews"'))
     assert removed.new is None and removed.old["rules"][0]["sources"] == ["productpage"]
     assert changes[2].summary == "any service (except productpage) → reviews any method, any path now allowed"
     assert all(c.risk == (WIDENS_ACCESS,) and c.line == removed.line for c in changes[1:])
 
 
-def test_enforce_to_audit_widens_access_and_back_narrows_it(compile_policy: Compile) -> None:
+def test_enforce_to_audit_widens_access_and_back_narrows_it(h: Any) -> None:
     audit_text = policy(READS_REVIEWS.replace("])\n", '], mode = "audit")\n'))
-    enforce, audit = compile_policy(policy(READS_REVIEWS)), compile_policy(audit_text)
+    enforce, audit = h.compile(policy(READS_REVIEWS)), h.compile(audit_text)
 
     relaxed = diff_access(enforce, audit)
     assert relaxed[0].kind == "authorization.mode"
@@ -149,7 +121,7 @@ def test_enforce_to_audit_widens_access_and_back_narrows_it(compile_policy: Comp
     )
     assert relaxed[0].risk == (WIDENS_ACCESS, REMOVES_PROTECTION)
     assert (relaxed[0].old, relaxed[0].new) == ("enforce", "audit")
-    assert relaxed[0].line == line_of(audit_text, 'authorization("reviews"')
+    assert relaxed[0].line == h.line_of(audit_text, 'authorization("reviews"')
     assert [c.kind for c in relaxed[1:]] == ["access.gained", "access.gained"]
 
     tightened = diff_access(audit, enforce)
@@ -160,21 +132,21 @@ def test_enforce_to_audit_widens_access_and_back_narrows_it(compile_policy: Comp
     ]
 
 
-def test_an_authorization_added_in_audit_mode_changes_no_edge(compile_policy: Compile) -> None:
+def test_an_authorization_added_in_audit_mode_changes_no_edge(h: Any) -> None:
     head = policy(READS_REVIEWS.replace("])\n", '], mode = "audit")\n'))
-    changes = diff_access(compile_policy(policy("")), compile_policy(head))
+    changes = diff_access(h.compile(policy("")), h.compile(head))
 
     assert [(c.kind, c.risk) for c in changes] == [("authorization.added", ())]
     assert "audit mode" in changes[0].summary
 
 
-def test_mesh_mtls_relaxed_lets_unauthenticated_callers_in_where_rules_admit_them(compile_policy: Compile) -> None:
+def test_mesh_mtls_relaxed_lets_unauthenticated_callers_in_where_rules_admit_them(h: Any) -> None:
     rules = """
     authorization("reviews", rules = [allow(sources = ["productpage"])])
     authorization("ratings", rules = [allow(paths = ["/health"])])
     """
     head = policy(rules, mtls="permissive")
-    changes = diff_access(compile_policy(policy(rules)), compile_policy(head))
+    changes = diff_access(h.compile(policy(rules)), h.compile(head))
 
     # productpage has no authorization: everything; ratings: what needs no identity;
     # reviews: nothing, its only allow names a source.
@@ -185,21 +157,21 @@ def test_mesh_mtls_relaxed_lets_unauthenticated_callers_in_where_rules_admit_the
     assert all(c.kind == "access.gained" and c.risk == (WIDENS_ACCESS,) for c in changes)
     assert all(c.old["source"] is None and c.new["source"] is None for c in changes)
     # No allow changed: the mTLS setting did it.
-    assert all((c.file, c.line) == ("mesh.star", line_of(head, "mesh(")) for c in changes)
+    assert all((c.file, c.line) == ("mesh.star", h.line_of(head, "mesh(")) for c in changes)
 
 
-def test_service_mtls_tightened_shuts_out_unauthenticated_callers(compile_policy: Compile) -> None:
+def test_service_mtls_tightened_shuts_out_unauthenticated_callers(h: Any) -> None:
     base = policy("").replace('service(name = "ratings")', 'service(name = "ratings", mtls = "permissive")')
     head = policy("").replace('service(name = "ratings")', 'service(name = "ratings", mtls = "strict")')
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert summaries(changes) == ["unauthenticated → ratings any method, any path now denied"]
     assert changes[0].risk == (NARROWS_ACCESS,)
-    assert (changes[0].file, changes[0].line) == ("mesh.star", line_of(head, 'service(name = "ratings"'))
+    assert (changes[0].file, changes[0].line) == ("mesh.star", h.line_of(head, 'service(name = "ratings"'))
 
 
-def test_mtls_disabled_proves_no_identity_so_sources_rules_admit_nobody(compile_policy: Compile) -> None:
-    changes = diff_access(compile_policy(policy(READS_REVIEWS)), compile_policy(policy(READS_REVIEWS, "disable")))
+def test_mtls_disabled_proves_no_identity_so_sources_rules_admit_nobody(h: Any) -> None:
+    changes = diff_access(h.compile(policy(READS_REVIEWS)), h.compile(policy(READS_REVIEWS, "disable")))
 
     by_who = {c.summary.split(" → ")[0]: c for c in changes if c.service == "reviews"}
     assert by_who["productpage"].summary == "productpage → reviews GET, POST /reviews/* now denied"
@@ -210,27 +182,27 @@ def test_mtls_disabled_proves_no_identity_so_sources_rules_admit_nobody(compile_
     ]
 
 
-def test_an_allow_narrowed_from_every_path_to_a_prefix(compile_policy: Compile) -> None:
+def test_an_allow_narrowed_from_every_path_to_a_prefix(h: Any) -> None:
     base = policy('authorization("reviews", rules = [\n    allow(sources = ["productpage"], paths = ["/*"]),\n])\n')
     head = policy("\n" + base.split("\n", 4)[4].replace('"/*"', '"/reviews/*"'))
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert summaries(changes) == ["productpage → reviews any method, any path (except /reviews/*) now denied"]
     assert changes[0].new["requests"] == [
         {"methods": ["*"], "paths": ["*"], "except_methods": [], "except_paths": ["/reviews/*"]}
     ]
-    assert changes[0].line == line_of(base, 'paths = ["/*"]')
+    assert changes[0].line == h.line_of(base, 'paths = ["/*"]')
 
 
-def test_an_exact_path_widened_to_a_prefix_names_what_is_new(compile_policy: Compile) -> None:
+def test_an_exact_path_widened_to_a_prefix_names_what_is_new(h: Any) -> None:
     base = policy('authorization("reviews", rules = [allow(sources = ["productpage"], paths = ["/reviews"])])')
     head = policy('authorization("reviews", rules = [allow(sources = ["productpage"], paths = ["/reviews*"])])')
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert summaries(changes) == ["productpage → reviews any method, /reviews* (except /reviews) now allowed"]
 
 
-def test_an_allow_without_sources_admits_every_caller_that_connects(compile_policy: Compile) -> None:
+def test_an_allow_without_sources_admits_every_caller_that_connects(h: Any) -> None:
     rules = """
     authorization("reviews", rules = [
         allow(sources = ["productpage"]),
@@ -239,7 +211,7 @@ def test_an_allow_without_sources_admits_every_caller_that_connects(compile_poli
     """
     head = policy(rules, mtls="permissive")
     base = policy(rules.replace("/health", "/ready"), mtls="permissive")
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     reviews = [c for c in changes if c.service == "reviews"]
     assert summaries(reviews) == [
@@ -248,10 +220,10 @@ def test_an_allow_without_sources_admits_every_caller_that_connects(compile_poli
         "unauthenticated → reviews GET /health now allowed",
         "unauthenticated → reviews GET /ready now denied",
     ]
-    assert {c.line for c in reviews} == {line_of(head, "/health")}
+    assert {c.line for c in reviews} == {h.line_of(head, "/health")}
 
 
-def test_a_new_service_is_a_new_caller_only_where_an_allow_admits_it(compile_policy: Compile) -> None:
+def test_a_new_service_is_a_new_caller_only_where_an_allow_admits_it(h: Any) -> None:
     rules = """
     authorization("reviews", rules = [
         allow(sources = ["productpage"]),
@@ -259,25 +231,25 @@ def test_a_new_service_is_a_new_caller_only_where_an_allow_admits_it(compile_pol
     ])
     """
     head = policy(rules) + 'service(name = "details")\n'
-    changes = diff_access(compile_policy(policy(rules)), compile_policy(head))
+    changes = diff_access(h.compile(policy(rules)), h.compile(head))
 
     # details reaches productpage and ratings too (no authorization there), but no rule
     # decides that; its addition is the semantic diff's service.added.
     assert summaries(changes) == ["details → reviews GET /public/* now allowed"]
-    assert changes[0].line == line_of(head, "/public/*")
+    assert changes[0].line == h.line_of(head, "/public/*")
 
 
-def test_removed_services_are_neither_callers_nor_targets(compile_policy: Compile) -> None:
+def test_removed_services_are_neither_callers_nor_targets(h: Any) -> None:
     base = policy(RATINGS_TOO) + 'service(name = "details")\nauthorization("details", rules = [])\n'
     head = policy(RATINGS_TOO.replace('allow(sources = ["ratings"], methods = ["GET"], paths = ["/reviews/*"]),', ""))
     head = head.replace('service(name = "ratings")\n', "")
-    assert diff_access(compile_policy(base), compile_policy(head)) == []
+    assert diff_access(h.compile(base), h.compile(head)) == []
 
 
-def test_comments_formatting_and_equivalent_rewrites_change_nothing(compile_policy: Compile) -> None:
+def test_comments_formatting_and_equivalent_rewrites_change_nothing(h: Any) -> None:
     base = policy(RATINGS_TOO)
     head = "# reviewed by security\n\n" + policy(RATINGS_TOO).replace("allow(", "allow(  ")
-    assert diff_access(compile_policy(base), compile_policy(head)) == []
+    assert diff_access(h.compile(base), h.compile(head)) == []
 
     # One allow split in two that admit the same requests: no edge moves.
     split = RATINGS_TOO.replace(
@@ -285,10 +257,10 @@ def test_comments_formatting_and_equivalent_rewrites_change_nothing(compile_poli
         'allow(sources = ["productpage"], methods = ["POST"], paths = ["/reviews/*"]),\n'
         '    allow(sources = ["productpage", "ratings"], methods = ["GET"], paths = ["/reviews/*"]),',
     )
-    assert diff_access(compile_policy(base), compile_policy(policy(split))) == []
+    assert diff_access(h.compile(base), h.compile(policy(split))) == []
 
 
-def test_changes_are_sorted_by_service_then_authorization_then_caller(compile_policy: Compile) -> None:
+def test_changes_are_sorted_by_service_then_authorization_then_caller(h: Any) -> None:
     base = policy('authorization("ratings", rules = [allow(sources = ["reviews"])])', "permissive")
     head = policy(
         """
@@ -300,7 +272,7 @@ def test_changes_are_sorted_by_service_then_authorization_then_caller(compile_po
         """,
         "permissive",
     )
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert [(c.service, c.kind) for c in changes] == [
         ("ratings", "access.gained"),
@@ -317,27 +289,23 @@ def test_changes_are_sorted_by_service_then_authorization_then_caller(compile_po
     assert [c.new["source"] for c in changes[2:]] == ["productpage", "ratings", "reviews", None]
 
 
-def test_too_many_combinations_fall_back_to_one_coarse_change(
-    compile_policy: Compile, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, head = compile_policy(policy(READS_REVIEWS)), compile_policy(policy(RATINGS_TOO))
+def test_too_many_combinations_fall_back_to_one_coarse_change(h: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, head = h.compile(policy(READS_REVIEWS)), h.compile(policy(RATINGS_TOO))
     monkeypatch.setattr(access, "MAX_COMBINATIONS", 4)
     changes = diff_access(base, head)
 
     assert [(c.kind, c.service) for c in changes] == [("authorization.rules", "reviews")]
     assert "too many combinations to enumerate" in changes[0].summary
     assert changes[0].risk == (WIDENS_ACCESS, NARROWS_ACCESS)
-    assert changes[0].line == line_of(policy(RATINGS_TOO), 'authorization("reviews"')
+    assert changes[0].line == h.line_of(policy(RATINGS_TOO), 'authorization("reviews"')
 
 
-def test_every_service_alike_reads_any_service_and_methods_compare_case_insensitively(
-    compile_policy: Compile,
-) -> None:
+def test_every_service_alike_reads_any_service_and_methods_compare_case_insensitively(h: Any) -> None:
     base = policy('authorization("reviews", rules = [allow(methods = ["get"], paths = ["/health"])])')
     head = policy('authorization("reviews", rules = [allow(methods = ["GET", "HEAD"], paths = ["/health"])])')
-    changes = diff_access(compile_policy(base), compile_policy(head))
+    changes = diff_access(h.compile(base), h.compile(head))
 
     assert summaries(changes) == ["any service → reviews HEAD /health now allowed"]
     assert changes[0].new["source"] == "*" and changes[0].new["except_sources"] == []
-    assert changes[0].line == line_of(head, "HEAD")
-    assert diff_access(compile_policy(base), compile_policy(base.replace('"get"', '"GET"'))) == []
+    assert changes[0].line == h.line_of(head, "HEAD")
+    assert diff_access(h.compile(base), h.compile(base.replace('"get"', '"GET"'))) == []

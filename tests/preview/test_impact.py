@@ -13,7 +13,6 @@ import pytest
 
 from starmesh.bundle.decide import DecisionTable
 from starmesh.bundle.explain import RequestInfo
-from starmesh.compiler.compile import compile_tree
 from starmesh.preview.impact import (
     MAX_REQUESTS,
     MAX_REQUESTS_BYTES,
@@ -44,17 +43,13 @@ def reviews_route(*rules: str) -> str:
 BASE = SERVICES + reviews_route(JASON_V2, 'rule(backends = {"v1": 100})')
 
 
-def table(root: Path, text: str) -> DecisionTable:
-    """`text` compiled as root/mesh.star; the bundle's decision table."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "mesh.star").write_text(text)
-    result = compile_tree(root)
-    assert result.bundle is not None, [str(f) for f in result.findings]
-    return DecisionTable.build(result.bundle.spec)
+def table(h: Any, text: str) -> DecisionTable:
+    """`text` compiled as a mesh.star of its own; the bundle's decision table."""
+    return DecisionTable.build(h.compiled(text).bundle.spec)
 
 
-def tables(tmp_path: Path, base: str, head: str) -> tuple[DecisionTable, DecisionTable]:
-    return table(tmp_path / "base", base), table(tmp_path / "head", head)
+def tables(h: Any, base: str, head: str) -> tuple[DecisionTable, DecisionTable]:
+    return table(h, base), table(h, head)
 
 
 def sample(name: str = "s", **request: Any) -> SampleRequest:
@@ -195,12 +190,12 @@ def test_at_most_ten_thousand_requests(requests_file: Path) -> None:
 # -- golden requests -------------------------------------------------------------------------
 
 
-def test_golden_samples_are_the_policys_request_tests_in_order(tmp_path: Path) -> None:
+def test_golden_samples_are_the_policys_request_tests_in_order(h: Any) -> None:
     text = BASE + (
         'request_test("jason sees v2", service = "reviews", headers = {"end-user": "jason"}, backends = "v2")\n'
         'request_test("ann posts", service = "reviews", method = "POST", path = "/r?x=1", source = "productpage")\n'
     )
-    samples = golden_samples(table(tmp_path, text).spec)
+    samples = golden_samples(table(h, text).spec)
     assert samples == [
         SampleRequest("jason sees v2", RequestInfo(service="reviews", headers={"end-user": "jason"})),
         SampleRequest(
@@ -209,7 +204,7 @@ def test_golden_samples_are_the_policys_request_tests_in_order(tmp_path: Path) -
     ]
 
 
-def test_golden_requests_of_both_sides_come_first_deduplicated_with_the_heads_definition(tmp_path: Path) -> None:
+def test_golden_requests_of_both_sides_come_first_deduplicated_with_the_heads_definition(h: Any) -> None:
     base = BASE + (
         'request_test("shared", service = "reviews", path = "/old")\n'
         'request_test("base only", service = "reviews", path = "/b")\n'
@@ -218,7 +213,7 @@ def test_golden_requests_of_both_sides_come_first_deduplicated_with_the_heads_de
         'request_test("head only", service = "reviews", path = "/h")\n'
         'request_test("shared", service = "reviews", path = "/new")\n'
     )
-    impacts = request_impacts(*tables(tmp_path, base, head), [sample("from the file", path="/f")])
+    impacts = request_impacts(*tables(h, base, head), [sample("from the file", path="/f")])
     assert [(i.origin, i.name, i.request["path"]) for i in impacts] == [
         ("golden", "head only", "/h"),
         ("golden", "shared", "/new"),
@@ -227,19 +222,19 @@ def test_golden_requests_of_both_sides_come_first_deduplicated_with_the_heads_de
     ]
 
 
-def test_golden_requests_are_included_when_only_the_base_has_them_and_show_the_change(tmp_path: Path) -> None:
+def test_golden_requests_are_included_when_only_the_base_has_them_and_show_the_change(h: Any) -> None:
     base = BASE + 'request_test("ann gets v1", service = "reviews", headers = {"end-user": "ann"}, backends = "v1")\n'
     head = SERVICES + reviews_route(JASON_V2, 'rule(backends = {"v1": 50, "v2": 50})')
-    impact = only(request_impacts(*tables(tmp_path, base, head)), "golden")
+    impact = only(request_impacts(*tables(h, base, head)), "golden")
     assert impact.name == "ann gets v1"
     assert impact.before.backends == {"v1": 100}
     assert impact.after.backends == {"v1": 50, "v2": 50}
     assert impact.changed == ("destination",)
 
 
-def test_golden_requests_are_included_when_only_the_head_has_them(tmp_path: Path) -> None:
+def test_golden_requests_are_included_when_only_the_head_has_them(h: Any) -> None:
     head = BASE + 'request_test("jason sees v2", service = "reviews", headers = {"end-user": "jason"}, backends = "v2")\n'
-    impacts = request_impacts(*tables(tmp_path, BASE, head))
+    impacts = request_impacts(*tables(h, BASE, head))
     assert [(i.origin, i.name, i.changed) for i in impacts] == [("golden", "jason sees v2", ())]
 
 
@@ -249,8 +244,8 @@ def test_golden_requests_are_included_when_only_the_head_has_them(tmp_path: Path
 ALLOWED = {"allowed": True, "response": None}
 
 
-def test_an_unchanged_request_has_no_flags_and_both_outcomes_in_full(tmp_path: Path) -> None:
-    old, new = tables(tmp_path, BASE, "# the same policy, reformatted\n" + BASE)
+def test_an_unchanged_request_has_no_flags_and_both_outcomes_in_full(h: Any) -> None:
+    old, new = tables(h, BASE, "# the same policy, reformatted\n" + BASE)
     impact = only(request_impacts(old, new, [sample("jason", headers={"End-User": "jason"}, source="productpage")]))
     assert impact.changed == ()
     assert impact.to_json() == {
@@ -269,24 +264,24 @@ def test_an_unchanged_request_has_no_flags_and_both_outcomes_in_full(tmp_path: P
     }
 
 
-def test_a_new_split_is_a_destination_change(tmp_path: Path) -> None:
+def test_a_new_split_is_a_destination_change(h: Any) -> None:
     head = SERVICES + reviews_route(JASON_V2, 'rule(backends = {"v1": 50, "v2": 50})')
     samples = [sample("ann", path="/reviews/1"), sample("jason", headers={"end-user": "jason"})]
-    impacts = request_impacts(*tables(tmp_path, BASE, head), samples)
+    impacts = request_impacts(*tables(h, BASE, head), samples)
     assert [(i.name, i.changed) for i in impacts] == [("ann", ("destination",)), ("jason", ())]
 
 
-def test_a_version_drained_to_zero_percent_is_no_destination_change(tmp_path: Path) -> None:
+def test_a_version_drained_to_zero_percent_is_no_destination_change(h: Any) -> None:
     head = SERVICES + reviews_route(JASON_V2, 'rule(backends = {"v1": 100, "v2": 0})')
-    impact = only(request_impacts(*tables(tmp_path, BASE, head), [sample()]))
+    impact = only(request_impacts(*tables(h, BASE, head), [sample()]))
     assert impact.after.backends == {"v1": 100, "v2": 0}
     assert impact.changed == ()
 
 
-def test_an_authorization_that_denies_a_caller_is_an_authorization_and_response_change(tmp_path: Path) -> None:
+def test_an_authorization_that_denies_a_caller_is_an_authorization_and_response_change(h: Any) -> None:
     head = BASE + 'authorization("reviews", rules = [allow(sources = ["productpage"])])\n'
     samples = [sample("from ratings", source="ratings"), sample("from productpage", source="productpage")]
-    impacts = request_impacts(*tables(tmp_path, BASE, head), samples)
+    impacts = request_impacts(*tables(h, BASE, head), samples)
     denied, admitted = impacts
     assert (denied.before.allowed, denied.after.allowed) == (True, False)
     assert denied.after.response == {"status": 403, "reason": "denied"}
@@ -294,22 +289,22 @@ def test_an_authorization_that_denies_a_caller_is_an_authorization_and_response_
     assert admitted.changed == ()
 
 
-def test_audit_mode_changes_authorization_without_a_response(tmp_path: Path) -> None:
+def test_audit_mode_changes_authorization_without_a_response(h: Any) -> None:
     base = BASE + 'authorization("reviews", rules = [allow(sources = ["productpage"])], mode = "audit")\n'
     head = BASE + 'authorization("reviews", rules = [allow(sources = ["productpage"])])\n'
-    impact = only(request_impacts(*tables(tmp_path, base, head), [sample(source="ratings")]))
+    impact = only(request_impacts(*tables(h, base, head), [sample(source="ratings")]))
     assert impact.changed == ("authorization", "response")
-    old, new = tables(tmp_path / "again", BASE, base)
+    old, new = tables(h, BASE, base)
     assert only(request_impacts(old, new, [sample(source="ratings")])).changed == ()
 
 
-def test_a_fault_aborting_every_request_is_a_response_change(tmp_path: Path) -> None:
+def test_a_fault_aborting_every_request_is_a_response_change(h: Any) -> None:
     boom = (
         'rule(match = [match(path_prefix = "/boom")], '
         'fault = fault(abort_status = 503, abort_percent = 100), backends = {"v1": 100})'
     )
     head = SERVICES + reviews_route(boom, JASON_V2, 'rule(backends = {"v1": 100})')
-    impacts = request_impacts(*tables(tmp_path, BASE, head), [sample("boom", path="/boom/1"), sample("calm", path="/calm")])
+    impacts = request_impacts(*tables(h, BASE, head), [sample("boom", path="/boom/1"), sample("calm", path="/calm")])
     boomed, calm = impacts
     assert (boomed.before.response, boomed.after.response) == (None, {"status": 503, "reason": "fault"})
     assert boomed.before.backends == boomed.after.backends == {"v1": 100}
@@ -317,34 +312,34 @@ def test_a_fault_aborting_every_request_is_a_response_change(tmp_path: Path) -> 
     assert calm.changed == ()
 
 
-def test_a_request_left_without_a_rule_changes_destination_and_response(tmp_path: Path) -> None:
+def test_a_request_left_without_a_rule_changes_destination_and_response(h: Any) -> None:
     head = SERVICES + reviews_route(JASON_V2, 'rule(match = [match(path_prefix = "/reviews")], backends = {"v1": 100})')
-    impact = only(request_impacts(*tables(tmp_path, BASE, head), [sample(path="/other")]))
+    impact = only(request_impacts(*tables(h, BASE, head), [sample(path="/other")]))
     assert impact.after == Outcome(backends=None, rule=None, allowed=True, response={"status": 404, "reason": "no-route"})
     assert impact.changed == ("destination", "response")
 
 
-def test_a_service_removed_on_the_head_side_is_an_error_outcome(tmp_path: Path) -> None:
+def test_a_service_removed_on_the_head_side_is_an_error_outcome(h: Any) -> None:
     head = BASE.replace('service("ratings")\n', "")
-    impact = only(request_impacts(*tables(tmp_path, BASE, head), [sample(service="ratings")]))
+    impact = only(request_impacts(*tables(h, BASE, head), [sample(service="ratings")]))
     assert impact.before.backends == {"v1": 100} and impact.before.rule is None  # no http_route: all endpoints
     assert impact.after == Outcome(error="unknown service 'ratings': the bundle does not declare it")
     assert impact.after.to_json() == {"error": "unknown service 'ratings': the bundle does not declare it"}
     assert impact.changed == ("destination", "authorization", "response")
 
 
-def test_a_service_neither_side_declares_is_no_change(tmp_path: Path) -> None:
-    impact = only(request_impacts(*tables(tmp_path, BASE, BASE), [sample(service="nope")]))
+def test_a_service_neither_side_declares_is_no_change(h: Any) -> None:
+    impact = only(request_impacts(*tables(h, BASE, BASE), [sample(service="nope")]))
     assert impact.before.error is not None and impact.after.error is not None
     assert impact.changed == ()
 
 
-def test_an_unknown_service_counts_as_the_proxys_404_no_route(tmp_path: Path) -> None:
+def test_an_unknown_service_counts_as_the_proxys_404_no_route(h: Any) -> None:
     """The proxy answers 404 `no-route` for a service its bundle lacks: against a side
     that also gets no rule, only authorization (unknown on one side) differs."""
     no_rule = SERVICES + reviews_route(JASON_V2)
     unknown = Outcome(error="unknown service 'reviews': the bundle does not declare it")
-    nowhere = decide(table(tmp_path, no_rule), RequestInfo(service="reviews"))
+    nowhere = decide(table(h, no_rule), RequestInfo(service="reviews"))
     assert nowhere.response == {"status": 404, "reason": "no-route"}
     assert impact_flags(unknown, nowhere) == ("authorization",)
     assert impact_flags(nowhere, unknown) == ("authorization",)

@@ -5,16 +5,10 @@ Both sides are compiled from real policy files in temporary directories."""
 
 from __future__ import annotations
 
-import itertools
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from starmesh.bundle.spec import Match, Rule, StringMatch
-from starmesh.compiler.compile import compile_tree
 from starmesh.preview.model import (
     ADDS_FAULTS,
     CHANGES_PRECEDENCE,
@@ -24,45 +18,9 @@ from starmesh.preview.model import (
     UNREACHABLE_RULE,
     Change,
 )
-from starmesh.preview.semantic import diff_specs
 from starmesh.preview.semantic_routes import pair_rules
 
 Diff = Callable[[str, str], list[Change]]
-
-
-def policy(text: str) -> str:
-    return textwrap.dedent(text).lstrip("\n")
-
-
-def line_of(text: str, needle: str) -> int:
-    """The 1-based line of the first occurrence of `needle` in the policy `text`."""
-    lines = policy(text).splitlines()
-    found = [n for n, line in enumerate(lines, 1) if needle in line]
-    assert found, f"{needle!r} not in the policy"
-    return found[0]
-
-
-ACCESS_KINDS = ("authorization.", "access.")
-"""The access diff's kinds (preview/access.py, tested on its own) are left out here."""
-
-
-@pytest.fixture
-def diff(tmp_path: Path) -> Diff:
-    """Compile two mesh.star texts (base, head) and diff their specs (semantic kinds only)."""
-    counter = itertools.count()
-
-    def compile_text(text: str) -> Any:
-        root = tmp_path / f"policy{next(counter)}"
-        root.mkdir()
-        (root / "mesh.star").write_text(policy(text), encoding="utf-8")
-        result = compile_tree(root)
-        assert result.bundle is not None, [str(f) for f in result.findings]
-        return result.bundle.spec
-
-    def run(base: str, head: str) -> list[Change]:
-        return [c for c in diff_specs(compile_text(base), compile_text(head)) if not c.kind.startswith(ACCESS_KINDS)]
-
-    return run
 
 
 def brief(changes: list[Change]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -84,7 +42,7 @@ def routes(*rules: str) -> str:
 # -- traffic -------------------------------------------------------------------------------
 
 
-def test_a_weight_change_shifts_the_sum_of_the_increases(diff: Diff) -> None:
+def test_a_weight_change_shifts_the_sum_of_the_increases(diff: Diff, h: Any) -> None:
     base = routes(JASON, 'rule(backends = {"v1": 90, "v3": 10}),')
     head = routes(JASON, 'rule(backends = {"v1": 50, "v3": 50}),')
     changes = diff(base, head)
@@ -97,7 +55,8 @@ def test_a_weight_change_shifts_the_sum_of_the_increases(diff: Diff) -> None:
     ]
     assert changes[0].old == {"v1": 90, "v3": 10}
     assert changes[0].new == {"v1": 50, "v3": 50}
-    assert (changes[0].service, changes[0].file, changes[0].line) == ("reviews", "mesh.star", line_of(head, "v1\": 50"))
+    where = (changes[0].service, changes[0].file, changes[0].line)
+    assert where == ("reviews", "mesh.star", h.line_of(head, "v1\": 50"))
 
 
 def test_a_single_rule_is_named_by_its_service(diff: Diff) -> None:
@@ -113,7 +72,7 @@ def test_a_drained_version_at_zero_is_the_same_traffic(diff: Diff) -> None:
     assert diff(base, head) == []
 
 
-def test_the_first_route_of_a_service_pairs_with_its_implicit_catch_all(diff: Diff) -> None:
+def test_the_first_route_of_a_service_pairs_with_its_implicit_catch_all(diff: Diff, h: Any) -> None:
     base = MESH
     head = routes('rule(backends = {"v1": 100}),')
     changes = diff(base, head)
@@ -121,7 +80,7 @@ def test_the_first_route_of_a_service_pairs_with_its_implicit_catch_all(diff: Di
         ("traffic.shift", "reviews: all endpoints (v1 34%, v2 33%, v3 33%) → v1 100%", ("shifts 66% of traffic",))
     ]
     assert changes[0].old == {"v1": 34, "v2": 33, "v3": 33}
-    assert (changes[0].file, changes[0].line) == ("mesh.star", line_of(head, "rule(backends"))
+    assert (changes[0].file, changes[0].line) == ("mesh.star", h.line_of(head, "rule(backends"))
 
 
 def test_the_first_route_with_a_header_rule_adds_that_rule(diff: Diff) -> None:
@@ -131,13 +90,13 @@ def test_the_first_route_with_a_header_rule_adds_that_rule(diff: Diff) -> None:
     ]
 
 
-def test_removing_the_http_route_sends_traffic_to_all_endpoints_again(diff: Diff) -> None:
+def test_removing_the_http_route_sends_traffic_to_all_endpoints_again(diff: Diff, h: Any) -> None:
     base = routes('rule(backends = {"v1": 100}),')
     changes = diff(base, MESH)
     assert brief(changes) == [
         ("traffic.shift", "reviews: v1 100% → all endpoints (v1 34%, v2 33%, v3 33%)", ("shifts 66% of traffic",))
     ]
-    assert changes[0].line == line_of(MESH, "service(")
+    assert changes[0].line == h.line_of(MESH, "service(")
 
 
 def test_new_versions_shift_the_equal_split_of_a_rule_without_backends(diff: Diff) -> None:
@@ -152,7 +111,7 @@ def test_new_versions_shift_the_equal_split_of_a_rule_without_backends(diff: Dif
 # -- pairing: match, reorder, added, removed --------------------------------------------------
 
 
-def test_an_unpaired_rule_at_the_same_index_is_a_match_change(diff: Diff) -> None:
+def test_an_unpaired_rule_at_the_same_index_is_a_match_change(diff: Diff, h: Any) -> None:
     base = routes(JASON, 'rule(backends = {"v1": 100}),')
     head = routes(BOB, 'rule(backends = {"v1": 100}),')
     changes = diff(base, head)
@@ -166,10 +125,10 @@ def test_an_unpaired_rule_at_the_same_index_is_a_match_change(diff: Diff) -> Non
     ]
     assert changes[0].old == [{"headers": {"end-user": {"kind": "exact", "value": "jason"}}}]
     assert changes[0].new == [{"headers": {"end-user": {"kind": "exact", "value": "bob"}}}]
-    assert changes[0].line == line_of(head, "bob")
+    assert changes[0].line == h.line_of(head, "bob")
 
 
-def test_rules_that_trade_places_are_one_reorder(diff: Diff) -> None:
+def test_rules_that_trade_places_are_one_reorder(diff: Diff, h: Any) -> None:
     base = routes(JASON, API, 'rule(backends = {"v1": 100}),')
     head = routes(API, JASON, 'rule(backends = {"v1": 100}),')
     changes = diff(base, head)
@@ -183,10 +142,10 @@ def test_rules_that_trade_places_are_one_reorder(diff: Diff) -> None:
     ]
     assert changes[0].old == ['header end-user = "jason"', "prefix /api/", "all requests"]
     assert changes[0].new == ["prefix /api/", 'header end-user = "jason"', "all requests"]
-    assert changes[0].line == line_of(head, "http_route(")
+    assert changes[0].line == h.line_of(head, "http_route(")
 
 
-def test_a_removed_rule_removes_a_route_and_points_at_the_base(diff: Diff) -> None:
+def test_a_removed_rule_removes_a_route_and_points_at_the_base(diff: Diff, h: Any) -> None:
     base = routes(JASON, 'rule(backends = {"v1": 100}),')
     head = routes('rule(backends = {"v1": 100}),')
     changes = diff(base, head)
@@ -202,7 +161,7 @@ def test_a_removed_rule_removes_a_route_and_points_at_the_base(diff: Diff) -> No
         "match": [{"headers": {"end-user": {"kind": "exact", "value": "jason"}}}],
         "backends": {"v2": 100},
     }
-    assert changes[0].line == line_of(base, "jason")
+    assert changes[0].line == h.line_of(base, "jason")
 
 
 def test_duplicate_matches_pair_in_order() -> None:
@@ -221,7 +180,7 @@ def test_duplicate_matches_pair_in_order() -> None:
 # -- shadowing ---------------------------------------------------------------------------------
 
 
-def test_a_catch_all_inserted_before_rules_shadows_them(diff: Diff) -> None:
+def test_a_catch_all_inserted_before_rules_shadows_them(diff: Diff, h: Any) -> None:
     base = routes(JASON, 'rule(backends = {"v1": 100}),')
     root = 'rule(match = [match(path_prefix = "/")], backends = {"v3": 100}),'
     head = routes(root, JASON, 'rule(backends = {"v1": 100}),')
@@ -242,7 +201,7 @@ def test_a_catch_all_inserted_before_rules_shadows_them(diff: Diff) -> None:
         ),
     ]
     assert (changes[1].old, changes[1].new) == ([], [0])
-    lines = [line_of(head, "prefix"), line_of(head, "jason"), line_of(head, 'rule(backends = {"v1"')]
+    lines = [h.line_of(head, "prefix"), h.line_of(head, "jason"), h.line_of(head, 'rule(backends = {"v1"')]
     assert [c.line for c in changes] == lines
 
 
@@ -382,7 +341,7 @@ def test_an_added_rule_with_a_fault_and_a_mirror_reports_their_risk(diff: Diff) 
 # -- order ----------------------------------------------------------------------------------------
 
 
-def test_changes_come_in_head_rule_order_with_removals_after_their_predecessor(diff: Diff) -> None:
+def test_changes_come_in_head_rule_order_with_removals_after_their_predecessor(diff: Diff, h: Any) -> None:
     base = routes(JASON, API, 'rule(match = [match(path_prefix = "/b/")]),', 'rule(backends = {"v1": 90, "v3": 10}),')
     head = routes(
         'rule(match = [match(path_prefix = "/a/")], backends = {"v1": 100}),',
@@ -398,9 +357,9 @@ def test_changes_come_in_head_rule_order_with_removals_after_their_predecessor(d
         ("traffic.shift", "reviews rules[2] (all requests)"),
     ]
     assert [c.line for c in changes] == [
-        line_of(head, "/a/"),
-        line_of(head, "/a/"),
-        line_of(head, "/api/"),
-        line_of(base, "/b/"),
-        line_of(head, '"v1": 50'),
+        h.line_of(head, "/a/"),
+        h.line_of(head, "/a/"),
+        h.line_of(head, "/api/"),
+        h.line_of(base, "/b/"),
+        h.line_of(head, '"v1": 50'),
     ]

@@ -5,15 +5,11 @@ Both sides are compiled from real policy files in temporary directories."""
 
 from __future__ import annotations
 
-import itertools
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from starmesh.bundle.spec import Spec
-from starmesh.compiler.compile import compile_tree
 from starmesh.preview.model import (
     NARROWS_ACCESS,
     RELAXES_MTLS,
@@ -24,49 +20,7 @@ from starmesh.preview.model import (
 )
 from starmesh.preview.semantic import diff_request_tests, diff_specs
 
-Compile = Callable[[str], Spec]
 Diff = Callable[[str, str], list[Change]]
-
-
-def policy(text: str) -> str:
-    return textwrap.dedent(text).lstrip("\n")
-
-
-def line_of(text: str, needle: str) -> int:
-    lines = policy(text).splitlines()
-    found = [n for n, line in enumerate(lines, 1) if needle in line]
-    assert found, f"{needle!r} not in the policy"
-    return found[0]
-
-
-@pytest.fixture
-def compile_text(tmp_path: Path) -> Compile:
-    """Compile one mesh.star text into its spec (in a new directory each time)."""
-    counter = itertools.count()
-
-    def run(text: str) -> Spec:
-        root = tmp_path / f"policy{next(counter)}"
-        root.mkdir()
-        (root / "mesh.star").write_text(policy(text), encoding="utf-8")
-        result = compile_tree(root)
-        assert result.bundle is not None, [str(f) for f in result.findings]
-        return result.bundle.spec
-
-    return run
-
-
-ACCESS_KINDS = ("authorization.", "access.")
-"""The access diff's kinds (preview/access.py, tested on its own) are left out here."""
-
-
-@pytest.fixture
-def diff(compile_text: Compile) -> Diff:
-    """Diff two mesh.star texts (base, head): the semantic kinds only."""
-
-    def run(base: str, head: str) -> list[Change]:
-        return [c for c in diff_specs(compile_text(base), compile_text(head)) if not c.kind.startswith(ACCESS_KINDS)]
-
-    return run
 
 
 def brief(changes: list[Change]) -> list[tuple[str | None, str, str, tuple[str, ...]]]:
@@ -86,7 +40,7 @@ def svc(name: str = "reviews", **args: str) -> str:
 # -- no change in behaviour ---------------------------------------------------------------------
 
 
-def test_comments_and_formatting_alone_change_nothing(diff: Diff, compile_text: Compile) -> None:
+def test_comments_and_formatting_alone_change_nothing(diff: Diff, h: Any) -> None:
     base = mesh() + svc(versions='["v1", "v2"]') + 'http_route("reviews", rules = [rule(backends = {"v1": 100})])\n'
     head = (
         "# The shop's mesh.\n\n"
@@ -95,17 +49,17 @@ def test_comments_and_formatting_alone_change_nothing(diff: Diff, compile_text: 
         + 'service(\n    name = "reviews",\n    versions = ["v1", "v2"],  # two of them\n)\n'
         + 'http_route("reviews", rules = [\n    rule(backends = {"v1": 100}),\n])\n'
     )
-    old, new = compile_text(base), compile_text(head)
+    old, new = h.compile(base), h.compile(head)
     assert old.source_map != new.source_map
     assert diff_specs(old, new) == []
 
 
-def test_golden_requests_are_checks_not_changes(compile_text: Compile) -> None:
+def test_golden_requests_are_checks_not_changes(h: Any) -> None:
     base = mesh() + svc() + 'request_test("home", service = "reviews", backends = "v1")\n'
     base += 'request_test("gone", service = "reviews")\n'
     head = mesh() + svc() + 'request_test("home", service = "reviews", path = "/x", backends = "v1")\n'
     head += 'request_test("new", service = "reviews")\n'
-    old, new = compile_text(base), compile_text(head)
+    old, new = h.compile(base), h.compile(head)
     assert diff_specs(old, new) == []
     assert diff_request_tests(old, new) == RequestTestChanges(added=("new",), removed=("gone",), changed=("home",))
     assert not diff_request_tests(old, old)
@@ -315,9 +269,7 @@ def test_mesh_first_then_services_by_name_service_level_before_routes(diff: Diff
     ]
 
 
-def test_the_access_diff_merges_after_each_services_own_changes(
-    compile_text: Compile, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_access_diff_merges_after_each_services_own_changes(h: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever preview/access.py reports is placed per service: authorization, then access."""
     import starmesh.preview.semantic as semantic
 
@@ -331,7 +283,7 @@ def test_the_access_diff_merges_after_each_services_own_changes(
     monkeypatch.setattr(semantic, "diff_access", lambda old, new: reported)
     base = mesh() + svc("zeta", versions='["v1", "v2"]') + svc("alpha", timeout='"1s"')
     head = mesh(tracing="tracing(sample_percent = 5)") + svc("zeta", versions='["v2", "v1"]') + svc("alpha")
-    assert [(c.service, c.kind) for c in diff_specs(compile_text(base), compile_text(head))] == [
+    assert [(c.service, c.kind) for c in diff_specs(h.compile(base), h.compile(head))] == [
         (None, "mesh.tracing"),
         (None, "access.gained"),
         ("alpha", "service.timeout"),
