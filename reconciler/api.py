@@ -5,9 +5,12 @@
     GET  /v1/bundles/sha256:<hex>             immutable bundle bytes
     GET  /v1/endpoints?after=N&wait=S         long-poll: {"version", "endpoints": {svc: {ver: [addr]}}}
     POST /v1/proxies/<id>                     register / heartbeat {service, version, address,
-                                              release_version, bundle} ─► {heartbeat_seconds, ttl_seconds}
+                                              release_version, bundle, requests_total}
+                                              ─► {heartbeat_seconds, ttl_seconds}
     POST /v1/proxies/<id>/status              ACK / NACK {version, bundle, error} ─► {"state"}
-    GET  /v1/status                           release, last compile, every proxy, the rollout
+    GET  /v1/status                           release, last compile, every proxy (with the release
+                                              meant for it, how far behind, its request rate), the rollout
+    GET  /metrics                             the control plane's metrics, Prometheus text (metrics.py)
     POST /v1/rollback                         {"to": "sha256:<hex>"} ─► {"release": {...}}
     GET  /healthz, /readyz                    the control plane's own health
     POST /v1/certificates                     with mesh identity only: {service, csr} ─► {certificate,
@@ -22,7 +25,7 @@ Every long-poll ends when the app shuts down, so SIGTERM never waits out a hold.
 With mesh identity (`make_app(..., identity=)`, served over TLS) the proxy routes
 (release, endpoints, proxies) need a valid client SVID (401 otherwise), and a proxy
 registers and reports only as its certificate's service (403); /healthz, /readyz,
-/v1/status, /v1/rollback and /v1/bundles stay open to operators (`starmesh diff
+/metrics, /v1/status, /v1/rollback and /v1/bundles stay open to operators (`starmesh diff
 --against` reads the bundle a release names: content-addressed policy, the same bytes
 the policy repository compiles to, whose digest /v1/status already shows).
 certificates.py has the checks.
@@ -49,6 +52,7 @@ from starmesh.bundle.canonical import is_digest
 from starmesh.reconciler.certificates import MeshIdentity, caller_mismatch, issue_route, require_svid
 from starmesh.reconciler.errors import InvalidRegistration, RegistryFull, StoreError, UnknownBundle
 from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from starmesh.reconciler.model import CompileStatus
 from starmesh.reconciler.registry import Registry, check_proxy_id
 from starmesh.reconciler.rollout import Rollout
@@ -66,7 +70,10 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class ApiDeps:
     """What the API serves from. `ready` is None when ready, else why not (the 503 body);
-    `extra_status` adds keys to `/v1/status` (the HA issue's "control_plane")."""
+    `extra_status` adds keys to `/v1/status` (the HA issue's "control_plane"). `metrics`
+    are served at `/metrics`, its gauges bound to the registry, rollout and ledger here;
+    without it the app makes its own (then only the gauges move: the events are
+    counted by whoever was given the metrics)."""
 
     ledger: Ledger
     registry: Registry
@@ -74,6 +81,7 @@ class ApiDeps:
     last_compile: Callable[[], CompileStatus | None]
     ready: Callable[[], str | None]
     extra_status: Callable[[], dict[str, object]] = dict
+    metrics: ControlPlaneMetrics | None = None
 
 
 class _Heartbeat(msgspec.Struct, frozen=True):
@@ -82,6 +90,7 @@ class _Heartbeat(msgspec.Struct, frozen=True):
     address: str
     release_version: int | None = None
     bundle: str | None = None
+    requests_total: int | None = None  # older proxies omit it
 
 
 class _Report(msgspec.Struct, frozen=True):
@@ -146,6 +155,12 @@ def make_app(
     polls = _LongPolls(max_long_polls)
     bundle_bytes = functools.lru_cache(maxsize=_BUNDLE_CACHE)(ledger.bundle)
     endpoints_body: dict[int, bytes] = {}
+    metrics = deps.metrics if deps.metrics is not None else ControlPlaneMetrics()
+    metrics.observe(
+        proxies=lambda: registry.states(rollout.state_of),
+        rollout=rollout.progress,
+        release_version=lambda: None if (current := ledger.current()) is None else current.version,
+    )
 
     async def release(request: web.Request) -> web.StreamResponse:
         after, wait = _after(request), _wait(request)
@@ -202,7 +217,7 @@ def make_app(
         try:
             registry.heartbeat(
                 proxy_id, beat.service, beat.version, beat.address,
-                release_version=beat.release_version, bundle=beat.bundle,
+                release_version=beat.release_version, bundle=beat.bundle, requests_total=beat.requests_total,
             )  # fmt: skip
         except InvalidRegistration as exc:
             raise _Problem(400, str(exc)) from None
@@ -226,13 +241,21 @@ def make_app(
         entry = registry.get(proxy_id)
         return _json({"state": None if entry is None else rollout.state_of(entry)})
 
+    def proxy_records() -> list[dict[str, object]]:
+        versions, now, records = rollout.issued_versions(), registry.clock(), []
+        for entry in registry.entries():
+            desired, behind = rollout.lag(entry, versions)
+            record = registry.record(entry, rollout.state_of(entry), now=now, desired=desired, behind=behind)
+            records.append(record.to_json())
+        return records
+
     async def status(_: web.Request) -> web.Response:
         current, compiled = ledger.current(), deps.last_compile()
         release = None if current is None else current.to_json()
         document: dict[str, object] = {
             "release": None if release is None else {k: release[k] for k in ("version", "bundle", "previous", "commit", "reason")},
             "last_compile": None if compiled is None else compiled.to_json(),
-            "proxies": [registry.record(e, rollout.state_of(e)).to_json() for e in registry.entries()],
+            "proxies": proxy_records(),
             "rollout": rollout.to_json(),
             **deps.extra_status(),
         }  # fmt: skip
@@ -247,6 +270,9 @@ def make_app(
         except UnknownBundle as exc:
             raise _Problem(404, f"cannot roll back to {asked.to}: {exc}") from None
         return _json({"release": record.to_json()})
+
+    async def metrics_text(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"content-type": CONTENT_TYPE, "cache-control": "no-store"})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -266,6 +292,10 @@ def make_app(
     async def closing(_: web.Application) -> None:
         polls.closing.set()
 
+    async def own_metrics_closed(_: web.Application) -> None:
+        if deps.metrics is None:
+            metrics.close()
+
     # The proxies' routes: with mesh identity, only for callers with a valid client SVID.
     proxies_only = _unguarded if identity is None else require_svid(identity)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
@@ -279,8 +309,10 @@ def make_app(
     app.router.add_post("/v1/rollback", rollback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_text)  # open, like /v1/status: what operators scrape
     app.cleanup_ctx.append(sweeper)
     app.on_shutdown.append(closing)
+    app.on_cleanup.append(own_metrics_closed)
     return app
 
 

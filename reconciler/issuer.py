@@ -17,6 +17,7 @@ from starmesh.bundle.keys import PrivateKey
 from starmesh.bundle.release import DEFAULT_TTL, issue_release
 from starmesh.reconciler.errors import UnknownBundle
 from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.metrics import NO_METRICS, Metrics
 from starmesh.reconciler.model import ReleaseReason, ReleaseRecord
 
 __all__ = ["Issuer"]
@@ -32,6 +33,7 @@ class Issuer:
         *,
         ttl: timedelta = DEFAULT_TTL,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         if ttl <= timedelta(0):
             raise ValueError(f"release ttl must be positive, got {ttl}")
@@ -39,6 +41,7 @@ class Issuer:
         self.key = key
         self.ttl = ttl
         self.now = now
+        self.metrics = metrics
 
     def issue(self, bundle: str, *, commit: str | None, reason: ReleaseReason) -> ReleaseRecord:
         """Issue a release of the stored bundle `bundle` as the next version.
@@ -74,6 +77,7 @@ class Issuer:
             envelope=signed.envelope,
         )
         self.ledger.record_release(record)
+        self.metrics.release_issued(reason)
         return record
 
     def reissue_at(self, record: ReleaseRecord) -> datetime:

@@ -88,7 +88,13 @@ class ProxyRecord:
 
     `release_version`/`bundle` are what it runs (its last ACK, or its heartbeat's
     claim after a control-plane restart); `error` is its last NACK reason;
-    `last_seen` is the wall-clock time of its last heartbeat or report."""
+    `last_seen` is the wall-clock time of its last heartbeat or report, and
+    `last_seen_seconds_ago` its age by the control plane's own clock.
+    `desired_release_version` is the release meant for it (the rollout decides),
+    `releases_behind` how many releases were issued after the one it runs up to that
+    one (None while it runs none; rollout.py `releases_behind`), `request_rate` its
+    requests per second over its last heartbeat interval (None until two heartbeats
+    carried a count, and once stale)."""
 
     id: str
     service: str
@@ -99,6 +105,10 @@ class ProxyRecord:
     bundle: str | None = None
     state: ProxyState = "pending"
     error: str | None = None
+    last_seen_seconds_ago: float | None = None
+    desired_release_version: int | None = None
+    releases_behind: int | None = None
+    request_rate: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -112,6 +122,10 @@ class ProxyRecord:
             "state": self.state,
             "error": self.error,
             "last_seen": self.last_seen,
+            "last_seen_seconds_ago": self.last_seen_seconds_ago,
+            "desired_release_version": self.desired_release_version,
+            "releases_behind": self.releases_behind,
+            "request_rate": self.request_rate,
             **self.extra,
         }
 
@@ -123,7 +137,9 @@ class ProxyEntry:
     `seen` is the registry clock (monotonic) at the last contact, `last_seen` the same
     moment as RFC 3339 UTC. `release_version`/`bundle` are what the proxy runs (its last
     ACK, or its heartbeat's claim); `error` is its last NACK reason (None after an ACK)
-    and `nacked_version`/`nacked_bundle` what that NACK was about."""
+    and `nacked_version`/`nacked_bundle` what that NACK was about. `requests` holds the
+    last two request counts its heartbeats carried, `(requests_total, seen)`, oldest
+    first: `request_rate` is the slope between them."""
 
     id: str
     service: str
@@ -137,9 +153,29 @@ class ProxyEntry:
     nacked_version: int | None = None
     nacked_bundle: str | None = None
     stale: bool = False
+    requests: tuple[tuple[int, float], ...] = ()
 
-    def to_record(self, state: ProxyState) -> ProxyRecord:
-        """The `/v1/status` record, with the state the rollout gives this proxy."""
+    def request_rate(self) -> float | None:
+        """Requests per second between the last two counts (a count that went down is a
+        restarted proxy: it counts from 0, as Prometheus' `rate()` does); None without two."""
+        if len(self.requests) < 2:
+            return None
+        (before, then), (now, at) = self.requests[-2], self.requests[-1]
+        if at <= then:
+            return None
+        return (now - before if now >= before else now) / (at - then)
+
+    def to_record(
+        self,
+        state: ProxyState,
+        *,
+        now: float | None = None,
+        desired: int | None = None,
+        behind: int | None = None,
+    ) -> ProxyRecord:
+        """The `/v1/status` record, with the state the rollout gives this proxy, its age at
+        `now` (the registry clock), the release meant for it and how far behind it is."""
+        rate = None if self.stale else self.request_rate()
         return ProxyRecord(
             id=self.id,
             service=self.service,
@@ -150,4 +186,8 @@ class ProxyEntry:
             bundle=self.bundle,
             state=state,
             error=self.error,
+            last_seen_seconds_ago=None if now is None else round(max(0.0, now - self.seen), 3),
+            desired_release_version=desired,
+            releases_behind=behind,
+            request_rate=None if rate is None else round(rate, 3),
         )

@@ -25,6 +25,9 @@ one more pass, which reads the newest tip: rapid commits coalesce to the newest.
 current release at half life. A pass that fails is retried with exponential backoff
 (cap 60 s; a wake-up cuts the wait short when the source was the problem); nothing
 ends the loop but `stop`.
+
+Each compile is timed and counted by its result (`Metrics.compiled`: ok, rejected, or
+source-unavailable, which also counts a pass that could not read the branch).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +48,7 @@ from starmesh.reconciler.diagnostics import MAX_DIAGNOSTICS, Diagnostic, capped,
 from starmesh.reconciler.errors import SourceUnavailable
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.metrics import NO_METRICS, CompileOutcome, Metrics
 from starmesh.reconciler.model import CompileStatus, ReleaseRecord, utc_now
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
@@ -99,6 +104,7 @@ class Reconciler:
         tick_interval: float = 1.0,
         max_backoff: float = MAX_BACKOFF,
         rng: random.Random | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.source = source
         self.ledger = ledger
@@ -111,6 +117,7 @@ class Reconciler:
         self.on_result = on_result
         self.tick_interval = tick_interval
         self.max_backoff = max_backoff
+        self.metrics = metrics
         self.phase = "starting"
         self.last_result: ReconcileResult | None = None
         self.wake = asyncio.Event()
@@ -152,12 +159,15 @@ class Reconciler:
         try:
             tip = await asyncio.to_thread(self.source.tip)
         except SourceUnavailable as exc:
+            self.metrics.compiled("source-unavailable", None)
             return ReconcileResult("source-unavailable", None, str(exc))
         unchanged = self._unchanged(tip)
         if unchanged is not None:
             return unchanged
         self._set_phase(f"compiling {tip[:12]}")
+        started = time.perf_counter()
         compiled = await self._compile(tip)
+        self.metrics.compiled(_outcome(compiled), time.perf_counter() - started)
         if isinstance(compiled, ReconcileResult):
             return compiled
         return await self._release(tip, compiled)
@@ -297,6 +307,13 @@ class Reconciler:
 
 def _nothing() -> None:
     return None
+
+
+def _outcome(compiled: CompileResult | ReconcileResult) -> CompileOutcome:
+    """The compile step's result as the metrics label it."""
+    if isinstance(compiled, CompileResult):
+        return "ok"
+    return "source-unavailable" if compiled.outcome == "source-unavailable" else "rejected"
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:

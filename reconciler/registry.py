@@ -8,7 +8,10 @@ A proxy registers and heartbeats with `heartbeat(id, service, version, address, 
 (POST /v1/proxies/<id>); its address (its `--inbound`) goes into the endpoint table under
 its service and version while it is live. `report` records an ACK or NACK (POST
 /v1/proxies/<id>/status). The heartbeat may also carry the release the proxy runs: after
-a control-plane restart that is how the registry learns what each proxy runs.
+a control-plane restart that is how the registry learns what each proxy runs, and
+its `requests_total` (every request the proxy answered since it started; older proxies
+omit it): the registry keeps the last two counts, and a proxy's request rate is the
+slope between them (`ProxyEntry.request_rate`).
 
 Live and stale proxies sit in two insertion-ordered maps kept in order of last contact,
 so `sweep` looks only at the oldest entries: every read sweeps, at no cost while
@@ -40,6 +43,7 @@ from starmesh.bundle.canonical import is_digest
 from starmesh.compiler.values import ValueProblem, check_endpoint, check_name
 from starmesh.reconciler.change_signal import ChangeSignal
 from starmesh.reconciler.errors import InvalidRegistration, RegistryFull
+from starmesh.reconciler.metrics import NO_METRICS, Metrics
 from starmesh.reconciler.model import ProxyEntry, ProxyRecord, ProxyState, utc_now
 
 __all__ = ["EndpointTable", "Registry", "check_proxy_id"]
@@ -71,6 +75,7 @@ class Registry:
         max_proxies: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         warmup: float | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         if ttl <= 0 or forget_after < ttl or max_proxies < 1:
             raise ValueError(
@@ -82,6 +87,7 @@ class Registry:
         self.max_proxies = max_proxies
         self.heartbeat_seconds = ttl / 3
         self.clock = clock
+        self.metrics = metrics
         self._warm_at = clock() + (ttl / 2 if warmup is None else warmup)
         self._live: OrderedDict[str, ProxyEntry] = OrderedDict()
         self._stale: OrderedDict[str, ProxyEntry] = OrderedDict()
@@ -101,9 +107,12 @@ class Registry:
         *,
         release_version: int | None,
         bundle: str | None,
+        requests_total: int | None = None,
     ) -> None:
         """Register or refresh a proxy; RegistryFull when a new one does not fit."""
         _check_heartbeat(proxy_id, service, version, address, release_version, bundle)
+        if requests_total is not None and requests_total < 0:
+            raise InvalidRegistration(f"proxy {proxy_id}: requests_total {requests_total} is negative")
         self.sweep()
         old = self._live.pop(proxy_id, None)
         was_live = old is not None
@@ -125,6 +134,8 @@ class Registry:
             )
             if release_version is not None and (old.release_version is None or release_version >= old.release_version):
                 entry = replace(entry, release_version=release_version, bundle=bundle)
+        if requests_total is not None:
+            entry = replace(entry, requests=(*entry.requests[-1:], (requests_total, now)))
         self._live[proxy_id] = entry
         if was_live and old is not None:
             if (old.service, old.version, old.address) == (service, version, address):
@@ -157,6 +168,7 @@ class Registry:
             )
         else:
             entry = replace(touched, error=_truncate(error), nacked_version=version, nacked_bundle=bundle)
+            self.metrics.nacked()
         self._live[proxy_id] = entry
         if revived and self._add_address(entry):
             self._bump()
@@ -201,9 +213,24 @@ class Registry:
         return sorted(self._live)
 
     @staticmethod
-    def record(entry: ProxyEntry, state: ProxyState) -> ProxyRecord:
-        """The `/v1/status` record of an entry (same as `entry.to_record(state)`)."""
-        return entry.to_record(state)
+    def record(
+        entry: ProxyEntry,
+        state: ProxyState,
+        *,
+        now: float | None = None,
+        desired: int | None = None,
+        behind: int | None = None,
+    ) -> ProxyRecord:
+        """The `/v1/status` record of an entry (`entry.to_record`): `now` is the registry's clock."""
+        return entry.to_record(state, now=now, desired=desired, behind=behind)
+
+    def states(self, state_of: Callable[[ProxyEntry], ProxyState]) -> dict[ProxyState, int]:
+        """How many known proxies are in each state (`state_of` gives one's: the rollout's)."""
+        counts: dict[ProxyState, int] = {}
+        for entry in self.entries():
+            state = state_of(entry)
+            counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def endpoints(self) -> tuple[int, EndpointTable]:
         """(version, table of live proxies); the table is shared: read it, do not change it."""

@@ -35,7 +35,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -47,11 +47,12 @@ from starmesh.reconciler.change_signal import ChangeSignal
 from starmesh.reconciler.errors import ReconcilerError, UnknownBundle
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.metrics import RolloutProgress
 from starmesh.reconciler.model import ProxyEntry, ProxyState, ReleaseRecord
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout_state import Phase, RolloutPolicy, RolloutState, stored_policy
 
-__all__ = ["MAX_NACK_HOLD", "Phase", "Rollout", "RolloutPolicy"]
+__all__ = ["MAX_NACK_HOLD", "Phase", "Rollout", "RolloutPolicy", "releases_behind"]
 
 log = logging.getLogger("starmesh.reconciler.rollout")
 
@@ -81,6 +82,7 @@ class Rollout:
         self._stable: ReleaseRecord | None = None
         self._targets: set[str] = set()
         self._nacks: dict[str, _Nack] = {}
+        self._issued: tuple[int | None, list[int]] = (None, [])
         raw = ledger.rollout_state()
         if raw is not None:
             self._load(raw)
@@ -211,6 +213,35 @@ class Rollout:
             return "failed"
         return "pending"
 
+    def lag(self, entry: ProxyEntry, issued: Sequence[int]) -> tuple[int | None, int | None]:
+        """(the release version meant for this proxy, `releases_behind` it); `issued` is
+        `issued_versions()`, read once for all proxies."""
+        meant = self.release_for(entry.id)
+        desired = None if meant is None else meant.version
+        return desired, releases_behind(entry.release_version, desired, issued)
+
+    def issued_versions(self) -> list[int]:
+        """The release versions the ledger holds, ascending; read again only after a newer one."""
+        current = self.ledger.current()
+        newest = None if current is None else current.version
+        if newest != self._issued[0]:
+            self._issued = (newest, [record.version for record in self.ledger.releases()])
+        return self._issued[1]
+
+    def progress(self) -> RolloutProgress:
+        """The phase, and how many proxies the release is meant for now and run it (the
+        metrics' gauges): the canaries while they run, every live proxy once promoted,
+        none once halted (the fallback release is the stable one's, for everyone)."""
+        with self._lock:
+            s = self._s
+            if s is None:
+                return RolloutProgress()
+            if s.phase in ("canary", "baking"):
+                targeted = list(s.canary)
+            else:
+                targeted = [] if s.phase == "halted" else self.registry.live_ids()
+            return RolloutProgress(s.phase, len(targeted), sum(1 for p in targeted if self._has_acked(p)))
+
     def to_json(self) -> dict[str, object]:
         """The rollout as `/v1/status` shows it."""
         with self._lock:
@@ -337,6 +368,20 @@ class Rollout:
             log.warning("rollout/state names release %d, which the ledger no longer holds: starting afresh", s.version)
             return
         self._s, self._release = s, release
+
+
+def releases_behind(applied: int | None, desired: int | None, issued: Sequence[int]) -> int | None:
+    """How many releases were issued after `applied` (the version a proxy runs) up to and
+    including `desired` (the one meant for it): 0 when it runs that one or a newer one,
+    None when it runs none or none is meant for it. `issued` lists the versions the
+    ledger holds, ascending; versions older than that history (pruned) count one each."""
+    if applied is None or desired is None:
+        return None
+    if applied >= desired:
+        return 0
+    oldest = issued[0] if issued else desired + 1
+    pruned = max(0, min(oldest, desired + 1) - applied - 1)
+    return pruned + sum(1 for version in issued if applied < version <= desired)
 
 
 def _rank(version: int, proxy_id: str) -> bytes:

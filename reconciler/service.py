@@ -7,7 +7,8 @@
     Registry(--proxy-ttl)  proxies' heartbeats ─► endpoints, stale proxies
     Rollout             which release each proxy gets
     Reconciler ◄─poke── RepoWatcher (watchdog / fetch poll)
-    api.make_app ─────► AppRunner/TCPSite on --listen
+    ControlPlaneMetrics ◄── compiles, releases, NACKs; its gauges read registry, rollout, ledger
+    api.make_app ─────► AppRunner/TCPSite on --listen (and /metrics)
     --ca DIR            load_ca ─► MeshIdentity (join token, --cert-lifetime) for the API,
                         ServerTLS: HTTPS with a mesh-CA server certificate, renewed at half life
 
@@ -52,6 +53,7 @@ from starmesh.reconciler.certificates import (
 from starmesh.reconciler.errors import ReconcilerError, StoreError
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
+from starmesh.reconciler.metrics import ControlPlaneMetrics
 from starmesh.reconciler.reconcile import Reconciler, ReconcileResult
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
@@ -93,11 +95,13 @@ class ControlPlane:
         self.out = out
         self.identity = _mesh_identity(config)  # first: a bad --ca or token touches no state
         self.ledger = Ledger(FileStore(config.state_dir / "store"))
-        self.issuer = Issuer(self.ledger, key if key is not None else load_private_key(config.key), ttl=config.release_ttl)
+        self.metrics = ControlPlaneMetrics()  # served at /metrics; the parts report their events to it
+        signer = key if key is not None else load_private_key(config.key)
+        self.issuer = Issuer(self.ledger, signer, ttl=config.release_ttl, metrics=self.metrics)
         # The endpoint warm-up protects proxies from a restarted control plane's half-filled
         # table; a first start (nothing released yet) has no earlier proxies to protect.
         fresh = self.ledger.current() is None
-        self.registry = Registry(ttl=config.proxy_ttl, warmup=0.0 if fresh else None)
+        self.registry = Registry(ttl=config.proxy_ttl, warmup=0.0 if fresh else None, metrics=self.metrics)
         self.rollout = Rollout(self.ledger, self.issuer, self.registry)
         self.source = RepoSource(config.repo, config.branch, config.state_dir)
         self.reconciler = Reconciler(
@@ -110,6 +114,7 @@ class ControlPlane:
             entry=config.entry,
             on_result=self._after_pass,
             tick_interval=config.tick_interval,
+            metrics=self.metrics,
         )
         self.watcher = RepoWatcher(self.source, self.reconciler.poke, poll_interval=config.poll_interval)
         self.tls: ServerTLS | None = None
@@ -166,6 +171,7 @@ class ControlPlane:
             last_compile=self.ledger.last_compile,
             ready=self.not_ready_reason,
             extra_status=lambda: {"reconciler": self.reconciler.to_json()},
+            metrics=self.metrics,
         )
         app = make_app(deps, identity=self.identity)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_timeout)
@@ -220,6 +226,7 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.metrics.close()
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -186,7 +186,8 @@ def test_status_reports_ack_and_nack(plane: Plane) -> None:
         assert proxies["r1"]["state"] == "synced" and proxies["r1"]["release_version"] == 1
         assert proxies["r2"]["state"] == "failed" and proxies["r2"]["error"] == "golden request 'x' failed"
         assert set(proxies["r1"]) == {"id", "service", "version", "address", "release_version", "bundle", "state",
-                                      "error", "last_seen"}  # fmt: skip
+                                      "error", "last_seen", "last_seen_seconds_ago", "desired_release_version",
+                                      "releases_behind", "request_rate"}  # fmt: skip
         assert document["rollout"]["version"] == 1 and document["rollout"]["phase"] == "complete"
 
     serve(plane, check)

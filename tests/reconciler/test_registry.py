@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from starmesh.reconciler.errors import InvalidRegistration, RegistryFull
+from starmesh.reconciler.metrics import Metrics
 from starmesh.reconciler.model import ProxyRecord
 from starmesh.reconciler.registry import Registry, check_proxy_id
+from starmesh.reconciler.rollout import releases_behind
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -28,8 +30,10 @@ def registry(clock: Any, **kwargs: float) -> Registry:
 
 
 def beat(reg: Registry, proxy_id: str, service: str = "reviews", version: str = "v1", address: str = "127.0.0.1:9081",
-         *, release_version: int | None = None, bundle: str | None = None) -> None:  # fmt: skip
-    reg.heartbeat(proxy_id, service, version, address, release_version=release_version, bundle=bundle)
+         *, release_version: int | None = None, bundle: str | None = None, requests_total: int | None = None) -> None:  # fmt: skip
+    reg.heartbeat(
+        proxy_id, service, version, address, release_version=release_version, bundle=bundle, requests_total=requests_total
+    )
 
 
 def test_heartbeats_build_the_endpoint_table_and_its_version_counts_changes(h: Any) -> None:
@@ -127,7 +131,10 @@ def test_reports_record_acks_and_nacks_and_count_as_contact(h: Any) -> None:
     assert record.to_json() == {
         "id": "r1", "service": "reviews", "version": "v1", "address": "127.0.0.1:9081", "release_version": 5,
         "bundle": DIGEST_B, "state": "synced", "error": None, "last_seen": entry.last_seen,
+        "last_seen_seconds_ago": None, "desired_release_version": None, "releases_behind": None, "request_rate": None,
     }  # fmt: skip
+    aged = Registry.record(entry, "synced", now=clock.now + 1.5, desired=5, behind=0).to_json()
+    assert (aged["last_seen_seconds_ago"], aged["desired_release_version"], aged["releases_behind"]) == (1.5, 5, 0)
 
 
 def test_a_heartbeat_tells_what_the_proxy_runs_but_never_lowers_it(h: Any) -> None:
@@ -225,3 +232,86 @@ def test_after_a_restart_clients_with_a_table_wait_for_the_warmup(h: Any) -> Non
         assert await reg.wait_endpoints(57, 1) == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
 
     asyncio.run(main())
+
+
+# -- what /v1/status shows of a proxy: its request rate, its age, how far behind it is --------
+
+
+class CountedNacks(Metrics):
+    """Metrics that only count NACKs (the registry's one event)."""
+
+    def __init__(self) -> None:
+        self.nacks = 0
+
+    def nacked(self) -> None:
+        self.nacks += 1
+
+
+def test_the_request_rate_is_the_slope_of_the_last_two_counts(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock)
+    beat(reg, "r1")  # an older proxy: no count, no rate
+    beat(reg, "r1", requests_total=500)
+    assert reg.record(reg.entries()[0], "pending", now=clock.now).request_rate is None  # one count is no rate
+    clock.now += 5
+    beat(reg, "r1", requests_total=520)
+    clock.now += 2
+    record = reg.record(reg.entries()[0], "pending", now=clock.now)
+    assert (record.request_rate, record.last_seen_seconds_ago) == (4.0, 2.0)
+    clock.now += 8
+    beat(reg, "r1")  # a heartbeat without a count keeps the last two
+    assert reg.record(reg.entries()[0], "pending", now=clock.now).request_rate == 4.0
+    clock.now += 2
+    beat(reg, "r1", requests_total=556)  # over the 12 s since the previous count
+    entry = reg.entries()[0]
+    assert entry.requests == ((520, 1005.0), (556, 1017.0))
+    assert reg.record(entry, "pending", now=clock.now).request_rate == 3.0
+    clock.now += 4
+    beat(reg, "r1", requests_total=8)  # restarted: counts from 0 again, as Prometheus' rate() has it
+    assert reg.record(reg.entries()[0], "pending", now=clock.now).request_rate == 2.0
+    report_only = reg.get("r1")
+    reg.report("r1", 1, DIGEST_A, None)  # an ACK is contact, not a count
+    entry = reg.entries()[0]
+    assert report_only is not None and entry.requests == report_only.requests
+    clock.now += 31  # stale: no rate (it is not counting anywhere we can see)
+    stale = reg.entries()[0]
+    assert stale.stale and reg.record(stale, "stale", now=clock.now).request_rate is None
+    assert reg.record(stale, "stale", now=clock.now).last_seen_seconds_ago == 31.0
+
+
+def test_a_negative_count_is_refused_and_changes_nothing(h: Any) -> None:
+    reg = registry(h.Clock(1000.0))
+    beat(reg, "r1", requests_total=10)
+    with pytest.raises(InvalidRegistration, match=r"proxy r1: requests_total -1 is negative"):
+        beat(reg, "r1", requests_total=-1)
+    entry = reg.get("r1")
+    assert entry is not None and entry.requests == ((10, 1000.0),)
+
+
+def test_nacks_are_counted_and_acks_are_not(h: Any) -> None:
+    counted = CountedNacks()
+    reg = Registry(ttl=30, warmup=0, clock=h.Clock(1000.0), metrics=counted)
+    beat(reg, "r1")
+    reg.report("r1", 1, DIGEST_A, None)
+    reg.report("r1", 2, DIGEST_B, "release 2: signature by an untrusted key")
+    reg.report("r1", 2, DIGEST_B, "release 2: signature by an untrusted key")
+    with pytest.raises(KeyError):
+        reg.report("nobody", 2, DIGEST_B, "not registered: not counted")
+    assert counted.nacks == 2
+    assert reg.states(lambda e: "failed" if e.error else "synced") == {"failed": 1}
+
+
+@pytest.mark.parametrize(
+    ("applied", "desired", "issued", "behind"),
+    [
+        (3, 3, [1, 2, 3], 0),
+        (4, 3, [1, 2, 3, 4], 0),  # runs something newer (a canary of a superseded rollout)
+        (1, 3, [1, 2, 3], 2),
+        (1, 5, [1, 2, 4, 5], 3),  # version 3 was allocated, never issued (a crash between)
+        (10, 120, list(range(21, 121)), 110),  # 11-20 were pruned from the history: one each
+        (None, 3, [1, 2, 3], None),  # runs nothing from this control plane
+        (2, None, [], None),  # nothing is meant for it
+    ],
+)
+def test_releases_behind(applied: int | None, desired: int | None, issued: list[int], behind: int | None) -> None:
+    assert releases_behind(applied, desired, issued) == behind
