@@ -11,6 +11,8 @@
     rollout        Rollout: which release each proxy gets (canary, bake, promote, halt)
     rollout_state  RolloutPolicy, RolloutState: what a rollout is asked, what it persisted
     change_signal  ChangeSignal: wakes the long-polls (endpoints, releases) on a change
+    metrics        ControlPlaneMetrics: compiles, releases, NACKs, rollout as Prometheus text;
+                   the Metrics base (NO_METRICS) records nothing
     api            make_app(ApiDeps): the HTTP API proxies and the CLI talk to
     service        ControlPlane, run_control_plane: the process
     model          the records the parts pass each other; errors: the exception tree
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     )
     from starmesh.reconciler.issuer import Issuer
     from starmesh.reconciler.ledger import RELEASE_HISTORY, Ledger
+    from starmesh.reconciler.metrics import ControlPlaneMetrics
     from starmesh.reconciler.model import (
         CompileStatus,
         ProxyEntry,
@@ -73,6 +76,7 @@ __all__ = [
     "CompileStatus",
     "ControlPlane",
     "ControlPlaneConfig",
+    "ControlPlaneMetrics",
     "FileStore",
     "InvalidRegistration",
     "Issuer",
@@ -115,6 +119,7 @@ _WHERE: dict[str, str] = {
     "CompileStatus": "starmesh.reconciler.model",
     "ControlPlane": "starmesh.reconciler.service",
     "ControlPlaneConfig": "starmesh.reconciler.service",
+    "ControlPlaneMetrics": "starmesh.reconciler.metrics",
     "FileStore": "starmesh.reconciler.store",
     "InvalidRegistration": "starmesh.reconciler.errors",
     "Issuer": "starmesh.reconciler.issuer",

@@ -13,25 +13,31 @@ so the helpers come as fixtures:
     mesh                           where they run: tests/runtime/e2e/conftest.py's `Mesh`
                                    (that file, loaded by path, gives `Process` too), which
                                    stops them when the test ends: each must exit 0 on SIGTERM
+    fake_server(handler)           a `FakeServer`: an aiohttp app on 127.0.0.1:0 answering every
+                                   path with `handler` (what a real control plane will not do);
+                                   its `url`; each is closed when the test ends
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import runpy
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 STARMESH = Path(sys.executable).with_name("starmesh")
@@ -167,3 +173,49 @@ class ControlPlanes:
 @pytest.fixture
 def control_planes(mesh: Any) -> ControlPlanes:
     return ControlPlanes(mesh)
+
+
+# -- fake control planes (in-process) --------------------------------------------------------
+
+
+class FakeServer:
+    """An aiohttp app on 127.0.0.1:0 in a background loop, answering every path with `handler`."""
+
+    def __init__(self, handler: Callable[[web.Request], Any]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> tuple[web.AppRunner, str]:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            app_runner = web.AppRunner(app, access_log=None)
+            await app_runner.setup()
+            site = web.TCPSite(app_runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = app_runner.addresses[0][:2]
+            return app_runner, f"http://{host}:{port}"
+
+        self.runner, self.url = asyncio.run_coroutine_threadsafe(start(), self.loop).result(DEADLINE)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE)
+        self.loop.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[[Callable[[web.Request], Any]], FakeServer]]:
+    """fake_server(handler): a started `FakeServer`; every one made is closed at teardown."""
+    servers: list[FakeServer] = []
+
+    def start(handler: Callable[[web.Request], Any]) -> FakeServer:
+        servers.append(FakeServer(handler))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()

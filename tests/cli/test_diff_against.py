@@ -13,12 +13,10 @@ digest, have no release, refuse the bundle) is played by an in-process aiohttp s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ from starmesh.cli.control_client import call_control_plane
 from starmesh.cli.main import main
 from starmesh.compiler.compile import compile_tree
 
-DEADLINE = 30.0  # seconds; a bound on waiting for a condition, never an assertion about speed
 TOKEN = "join-token-0123456789abcdef"
 
 POLICY = """\
@@ -139,51 +136,19 @@ def test_against_an_mtls_control_plane_with_its_ca_cert(
 # -- what a real control plane will not do --------------------------------------------------------
 
 
-class FakeServer:
-    """An aiohttp app on 127.0.0.1:0 in a background loop, answering every path with `handler`."""
-
-    def __init__(self, handler: Callable[[web.Request], Any]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start() -> tuple[web.AppRunner, str]:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", handler)
-            app_runner = web.AppRunner(app, access_log=None)
-            await app_runner.setup()
-            site = web.TCPSite(app_runner, "127.0.0.1", 0)
-            await site.start()
-            host, port = app_runner.addresses[0][:2]
-            return app_runner, f"http://{host}:{port}"
-
-        self.runner, self.url = asyncio.run_coroutine_threadsafe(start(), self.loop).result(DEADLINE)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[[dict[str, tuple[int, bytes]]], str]]:
+def serve(fake_server: Callable[..., Any]) -> Callable[[dict[str, tuple[int, bytes]]], str]:
     """serve({path: (status, body)}): a fake control plane's URL; other paths are 404."""
-    servers: list[FakeServer] = []
 
     def start(answers: dict[str, tuple[int, bytes]]) -> str:
         async def handler(request: web.Request) -> web.Response:
             status, body = answers.get(request.path, (404, b'{"error": "not found"}'))
             return web.Response(status=status, body=body, content_type="application/json")
 
-        servers.append(FakeServer(handler))
-        return servers[-1].url
+        url: str = fake_server(handler).url
+        return url
 
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.close()
+    return start
 
 
 def compiled(tmp_path: Path, v1: int, v2: int) -> tuple[bytes, str]:
