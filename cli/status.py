@@ -3,12 +3,22 @@
     starmesh status ──GET /v1/status──► control plane
                     ◄── {"release", "last_compile", "rollout", "proxies": [...]} ──┘
                     text: summary lines + a table of proxies;  json: the answer, pretty-printed
+    --watch [S]     again every S seconds (2) until Ctrl-C: redrawn in place on a terminal
+                    (rich Live), else a fresh table (or one JSON document per line) each time
+
+The proxy table shows, for each proxy (sorted by service, then id), the release and
+bundle it runs, its state, how many releases it is behind the one meant for it, its
+request rate and its last NACK reason; rows that are behind, failed or stale stand
+out in colour. Ages come from the control plane's own clock (`last_seen_seconds_ago`),
+so a skewed local clock cannot make a proxy look fresh or stale.
 
 The command reports; it does not judge. It exits 0 whenever the control plane answered
 a well-formed status, however unhealthy the mesh looks (failed proxies, a rejected
 commit, a halted rollout): scripts read `--format json` and decide. Exit 2 when the
 control plane cannot be reached, answers an HTTP error, or answers something that is
-not a status document; the message names the URL and the reason.
+not a status document; the message names the URL and the reason. While watching, only
+the first answer decides that: a later failure is shown, and the next refresh tries
+again. Ctrl-C ends a watch with exit 0.
 
 The HTTP call is `starmesh.cli.control_client.call_control_plane` (urllib, bounded).
 """
@@ -16,13 +26,15 @@ The HTTP call is `starmesh.cli.control_client.call_control_plane` (urllib, bound
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from starmesh.cli.compile import InputError
@@ -30,7 +42,13 @@ from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import Answer, call_control_plane, printable
 from starmesh.cli.options import ca_cert_option, control_plane_option, format_option
 
-__all__ = ["StatusDocument", "parse_status", "render_status", "short", "status_command"]
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = ["DEFAULT_WATCH", "StatusDocument", "parse_status", "render_status", "short", "status_command", "status_view"]
+
+DEFAULT_WATCH = 2.0
+"""Seconds between refreshes of `--watch` given without a value."""
 
 # -- the status document (DESIGN.md: /v1/status); unknown fields are ignored ------------
 
@@ -67,6 +85,9 @@ class _Proxy(msgspec.Struct, frozen=True):
     bundle: str | None = None
     error: str | None = None
     last_seen: str | None = None
+    last_seen_seconds_ago: float | None = None
+    releases_behind: int | None = None
+    request_rate: float | None = None
 
 
 class _Ref(msgspec.Struct, frozen=True):
@@ -138,19 +159,26 @@ def short(value: str | None, keep: int = 12) -> str:
     return printable(prefix + value[len(prefix) : len(prefix) + keep])
 
 
-def _age(stamp: str | None, now: datetime) -> str:
+def _age(proxy: _Proxy, now: datetime) -> str:
+    """How long ago the proxy was last seen: by the control plane's clock when it says,
+    else from the `last_seen` stamp and the local clock."""
+    if proxy.last_seen_seconds_ago is not None:
+        return _ago(int(proxy.last_seen_seconds_ago))
+    stamp = proxy.last_seen
     if not stamp:
         return "-"
     try:
         seconds = int((now - datetime.fromisoformat(stamp)).total_seconds())
     except (ValueError, TypeError):
         return printable(stamp)
-    if seconds < 0:
-        return printable(stamp)
+    return printable(stamp) if seconds < 0 else _ago(seconds)
+
+
+def _ago(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+    return f"{max(0, seconds)}s ago"
 
 
 def _diagnostic(d: _Diagnostic) -> str:
@@ -187,85 +215,212 @@ def _rollout(rollout: _Rollout) -> list[str]:
 
 def render_status(console: Console, doc: StatusDocument, *, url: str, now: datetime) -> None:
     """The summary lines and the proxy table (`now` makes "last seen" ages)."""
-    from rich import box
-    from rich.table import Table
+    console.print(status_view(doc, url=url, now=now))
 
-    release = doc.release
-    console.print(f"control plane  {printable(url)}")
-    loop = doc.reconciler
+
+def status_view(doc: StatusDocument, *, url: str, now: datetime) -> Group:
+    """The summary lines and the proxy table, as one renderable (printed, or live-updated)."""
+    lines: list[RenderableType] = [Text(printable(f"control plane  {url}"))]
+
+    def say(line: str) -> None:
+        lines.append(Text(printable(line)))
+
+    release, loop = doc.release, doc.reconciler
     if loop is not None and loop.repo:
-        console.print(Text(printable(f"following      {loop.repo} branch {loop.branch or '?'}  ({loop.phase or '?'})")))
+        say(f"following      {loop.repo} branch {loop.branch or '?'}  ({loop.phase or '?'})")
     if release is None:
-        console.print("release        none yet (nothing compiled or loaded)")
+        say("release        none yet (nothing compiled or loaded)")
     else:
         why = f"  ({release.reason})" if release.reason and release.reason != "commit" else ""
-        console.print(f"release        {release.version}  bundle {short(release.bundle)}  commit {short(release.commit)}{why}")
+        say(f"release        {release.version}  bundle {short(release.bundle)}  commit {short(release.commit)}{why}")
     compiled = doc.last_compile
     if compiled is None:
-        console.print("last compile   none yet")
+        say("last compile   none yet")
     else:
         n = len(compiled.diagnostics)
         if compiled.ok:
             notes = f" ({n} warning{'' if n == 1 else 's'})" if n else ""
-            console.print(f"last compile   {short(compiled.commit)}  ok{notes}")
+            say(f"last compile   {short(compiled.commit)}  ok{notes}")
         else:
-            console.print(f"last compile   {short(compiled.commit)}  failed, not released ({n} diagnostic{'' if n == 1 else 's'})")
-        for diagnostic in compiled.diagnostics:
-            console.print(Text("  " + _diagnostic(diagnostic)))
+            say(f"last compile   {short(compiled.commit)}  failed, not released ({n} diagnostic{'' if n == 1 else 's'})")
+        lines.extend(Text("  " + _diagnostic(diagnostic)) for diagnostic in compiled.diagnostics)
     if doc.rollout is not None:
         first, *more = _rollout(doc.rollout)
-        console.print(Text("rollout        " + first))
-        for line in more:
-            console.print(Text(line))
+        say("rollout        " + first)
+        lines.extend(Text(line) for line in more)
     counts: dict[str, int] = {}
     for proxy in doc.proxies:
         counts[proxy.state] = counts.get(proxy.state, 0) + 1
-    summary = ", ".join(f"{n} {printable(state)}" for state, n in sorted(counts.items()))
-    console.print(f"proxies        {len(doc.proxies)}" + (f": {summary}" if summary else ""))
-    if not doc.proxies:
-        return
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    behind = sum(1 for proxy in doc.proxies if (proxy.releases_behind or 0) > 0)
+    say(f"proxies        {len(doc.proxies)}" + (f": {summary}" if summary else "") + (f"; {behind} behind" if behind else ""))
+    if doc.proxies:
+        lines += [Text(""), _proxy_table(doc.proxies, now)]
+    return Group(*lines)
+
+
+_COLUMNS = ("ID", "SERVICE", "VERSION", "RELEASE", "BUNDLE", "STATE", "BEHIND", "REQ/S", "ERROR", "LAST SEEN")
+_RIGHT = {"RELEASE", "BEHIND", "REQ/S", "LAST SEEN"}  # numbers; LAST SEEN last, so no row ends in padding
+
+
+def _proxy_table(proxies: list[_Proxy], now: datetime) -> Table:
+    """One row per proxy, by service then id; behind or pending rows yellow, failed (or
+    NACKing) red, stale dim."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for column in ("ID", "SERVICE", "VERSION", "RELEASE", "STATE", "ERROR", "LAST SEEN"):
-        # LAST SEEN is right-justified, so no row ends in padding.
-        table.add_column(column, no_wrap=column != "ERROR", justify="right" if column == "LAST SEEN" else "left")
-    for proxy in doc.proxies:
+    for column in _COLUMNS:
+        table.add_column(column, no_wrap=column != "ERROR", justify="right" if column in _RIGHT else "left")
+    for proxy in sorted(proxies, key=lambda p: (p.service or "", p.id)):
         cells = [
             proxy.id,
             proxy.service or "-",
             proxy.version or "-",
-            "-" if proxy.release_version is None else str(proxy.release_version),
+            _number(proxy.release_version),
+            short(proxy.bundle),
             proxy.state,
+            _number(proxy.releases_behind),
+            _rate(proxy.request_rate),
             proxy.error or "-",
-            _age(proxy.last_seen, now),
+            _age(proxy, now),
         ]
-        table.add_row(*(Text(printable(cell)) for cell in cells))
-    console.print()
-    console.print(table)
+        table.add_row(*(Text(printable(cell)) for cell in cells), style=_row_style(proxy))
+    return table
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _rate(rate: float | None) -> str:
+    """Requests per second: one decimal, two below 1/s (a quiet proxy is not 0.0)."""
+    return "-" if rate is None else f"{rate:.1f}" if rate >= 1 or rate == 0 else f"{rate:.2f}"
+
+
+def _row_style(proxy: _Proxy) -> str | None:
+    if proxy.state == "stale":
+        return "dim"
+    if proxy.state == "failed" or proxy.error:
+        return "red"
+    if proxy.state == "pending" or (proxy.releases_behind or 0) > 0:
+        return "yellow"
+    return None
+
+
+# -- the command ------------------------------------------------------------------------
 
 
 @click.command("status")
 @control_plane_option
 @format_option("text for people, json (the answer as received, pretty-printed) for tools.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1, max=3600),
+    is_flag=False,
+    flag_value=DEFAULT_WATCH,
+    default=None,
+    metavar="[SECONDS]",
+    help=f"Ask again every SECONDS ({DEFAULT_WATCH:g} if not given) until Ctrl-C; json: one document per line.",
+)
 @ca_cert_option
 @click.pass_context
-def status_command(ctx: click.Context, url: str, output_format: str, ca_cert: Path | None) -> None:
+def status_command(
+    ctx: click.Context, url: str, output_format: str, watch: float | None, ca_cert: Path | None
+) -> None:
     """Show the control plane's release, last compile, rollout and every proxy's state.
 
     Proxy states: synced (runs the release meant for it), pending (not yet), failed (it
-    rejected that release; ERROR says why), stale (no heartbeat within the TTL). The
-    command reports and does not judge: exit 0 whenever the control plane answered,
-    2 when it cannot be reached or its answer is not a status document.
+    rejected that release; ERROR says why), stale (no heartbeat within the TTL). BEHIND
+    counts the releases issued after the one a proxy runs, up to the one meant for it;
+    REQ/S is its request rate over its last heartbeat interval. The command reports and
+    does not judge: exit 0 whenever the control plane answered, 2 when it cannot be
+    reached or its answer is not a status document.
 
     \b
     Examples:
       starmesh status --control-plane http://127.0.0.1:8080
+      starmesh status --control-plane http://127.0.0.1:8080 --watch
       starmesh status --control-plane http://127.0.0.1:8080 --format json | jq '.proxies[] | select(.state != "synced")'
     """
-    from datetime import UTC
-
     consoles = ctx.find_object(Consoles) or Consoles.for_process()
-    doc, raw = parse_status(call_control_plane(url, "/v1/status", ca_cert=ca_cert))
+
+    def fetch() -> tuple[StatusDocument, Any]:
+        return parse_status(call_control_plane(url, "/v1/status", ca_cert=ca_cert))
+
+    first = fetch()  # exit 2 here when there is nothing to watch
+    try:
+        if watch is None:
+            _show(consoles.out, first, url=url, output_format=output_format, compact=False)
+        elif output_format == "text" and _is_terminal(consoles.out):
+            _watch_live(consoles.out, fetch, first, url=url, interval=watch)
+        else:
+            _watch_lines(consoles, fetch, first, url=url, output_format=output_format, interval=watch)
+    except KeyboardInterrupt:  # Ctrl-C ends a watch: exit 0 (click would say "Aborted!", exit 1)
+        return
+
+
+def _show(console: Console, answer: tuple[StatusDocument, Any], *, url: str, output_format: str, compact: bool) -> None:
+    doc, raw = answer
     if output_format == "json":
-        click.echo(json.dumps(raw, indent=2, ensure_ascii=False))
+        text = json.dumps(raw, ensure_ascii=False, separators=(",", ":")) if compact else json.dumps(raw, indent=2, ensure_ascii=False)
+        console.file.write(text + "\n")
     else:
-        render_status(consoles.out, doc, url=url, now=datetime.now(UTC))
+        render_status(console, doc, url=url, now=datetime.now(UTC))
+    console.file.flush()
+
+
+def _watch_lines(
+    consoles: Consoles, fetch: Callable[[], tuple[StatusDocument, Any]], first: tuple[StatusDocument, Any],
+    *, url: str, output_format: str, interval: float,
+) -> None:  # fmt: skip
+    """Not a terminal (or JSON): a fresh table, or one compact JSON document per line, each interval."""
+    answer: tuple[StatusDocument, Any] | None = first
+    while True:
+        if answer is not None:
+            _show(consoles.out, answer, url=url, output_format=output_format, compact=True)
+            if output_format == "text":
+                consoles.out.file.write("\n")
+                consoles.out.file.flush()
+        time.sleep(interval)
+        try:
+            answer = fetch()
+        except InputError as exc:  # shown, and tried again at the next refresh
+            consoles.err.print(Text(f"starmesh: error: {exc.format_message()}"))
+            answer = None
+
+
+def _watch_live(
+    console: Console, fetch: Callable[[], tuple[StatusDocument, Any]], first: tuple[StatusDocument, Any],
+    *, url: str, interval: float,
+) -> None:  # fmt: skip
+    """A terminal: the status redrawn in place every interval (rich Live), the last one left on screen."""
+    from rich.live import Live
+
+    if not console.is_terminal:  # NO_COLOR on a terminal: still redraw in place, without colour
+        console = Console(file=console.file, force_terminal=True, no_color=True, highlight=False, markup=False, emoji=False)
+
+    def view(answer: tuple[StatusDocument, Any], problem: str | None) -> Group:
+        now = datetime.now(UTC)
+        when = f"{now:%H:%M:%S} UTC"
+        footer = (Text(f"{when}, every {interval:g}s; Ctrl-C to stop", style="dim") if problem is None
+                  else Text(f"{when}: {problem}; trying again in {interval:g}s", style="red"))  # fmt: skip
+        return Group(status_view(answer[0], url=url, now=now), Text(""), footer)
+
+    answer, problem = first, None
+    with Live(view(first, None), console=console, auto_refresh=False, vertical_overflow="visible") as live:
+        while True:
+            time.sleep(interval)
+            try:
+                answer, problem = fetch(), None
+            except InputError as exc:  # the last answer stays on screen, with why it is not newer
+                problem = printable(exc.format_message())
+            live.update(view(answer, problem), refresh=True)
+
+
+def _is_terminal(console: Console) -> bool:
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except ValueError:
+        return False

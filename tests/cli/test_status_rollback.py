@@ -17,8 +17,7 @@ import hashlib
 import json
 import re
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,10 +120,11 @@ def test_status_text_and_json(runner: CliRunner, control_plane: tuple[Any, Path,
     assert line(lines, "last compile") == f"last compile   {first[:12]}  ok"
     assert "proxies        2: 1 failed, 1 synced" in lines
     header = next(line for line in lines if line.startswith("ID "))
-    assert header.split() == ["ID", "SERVICE", "VERSION", "RELEASE", "STATE", "ERROR", "LAST", "SEEN"]
+    assert header.split() == ["ID", "SERVICE", "VERSION", "RELEASE", "BUNDLE", "STATE", "BEHIND", "REQ/S", "ERROR",
+                              "LAST", "SEEN"]  # fmt: skip
     rows = {line.split()[0]: line for line in lines if line.startswith("reviews-")}
-    assert rows["reviews-a"].split()[:6] == ["reviews-a", "reviews", "v1", "1", "synced", "-"]
-    assert rows["reviews-b"].split()[:5] == ["reviews-b", "reviews", "v2", "-", "failed"]
+    assert rows["reviews-a"].split()[:9] == ["reviews-a", "reviews", "v1", "1", short, "synced", "0", "-", "-"]
+    assert rows["reviews-b"].split()[:8] == ["reviews-b", "reviews", "v2", "-", "-", "failed", "-", "-"]
     assert "golden request 'all-to-v1' failed: got v2" in rows["reviews-b"]
     assert rows["reviews-a"].endswith(" ago")
 
@@ -231,48 +231,6 @@ def test_a_control_plane_url_must_be_http(runner: CliRunner) -> None:
     assert "is not an http:// or https:// URL with a host" in result.output
 
 
-class FakeServer:
-    """An aiohttp app on 127.0.0.1:0 in a background loop, answering every path with `handler`."""
-
-    def __init__(self, handler: Callable[[web.Request], Any]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start() -> tuple[web.AppRunner, str]:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", handler)
-            app_runner = web.AppRunner(app, access_log=None)
-            await app_runner.setup()
-            site = web.TCPSite(app_runner, "127.0.0.1", 0)
-            await site.start()
-            host, port = app_runner.addresses[0][:2]
-            return app_runner, f"http://{host}:{port}"
-
-        self.runner, self.url = asyncio.run_coroutine_threadsafe(start(), self.loop).result(DEADLINE)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[web.Request], Any]], str]]:
-    servers: list[FakeServer] = []
-
-    def start(handler: Callable[[web.Request], Any]) -> str:
-        servers.append(FakeServer(handler))
-        return servers[-1].url
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.close()
-
-
 @pytest.mark.parametrize(
     ("status", "body", "message"),
     [
@@ -284,19 +242,19 @@ def serve() -> Iterator[Callable[[Callable[[web.Request], Any]], str]]:
     ],
 )
 def test_garbage_answers_are_exit_2(
-    runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str], status: int, body: bytes, message: str
+    runner: CliRunner, fake_server: Callable[..., Any], status: int, body: bytes, message: str
 ) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=status, body=body, content_type="application/json")
 
-    url = serve(handler)
+    url = fake_server(handler).url
     for output_format in ("text", "json"):
         result = run(runner, "status", "--control-plane", url, "--format", output_format)
         assert result.exit_code == 2, result.output
         assert f"control plane at {url}/v1/status {message}" in result.output
 
 
-def test_an_oversized_answer_is_cut_off(runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+def test_an_oversized_answer_is_cut_off(runner: CliRunner, fake_server: Callable[..., Any]) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         await response.prepare(request)
@@ -306,13 +264,13 @@ def test_an_oversized_answer_is_cut_off(runner: CliRunner, serve: Callable[[Call
         await response.write_eof()
         return response
 
-    url = serve(handler)
+    url = fake_server(handler).url
     result = run(runner, "status", "--control-plane", url)
     assert result.exit_code == 2
     assert f"control plane at {url}/v1/status answered more than {8 << 20} bytes" in result.output
 
 
-def test_a_slow_drip_answer_meets_the_deadline(serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+def test_a_slow_drip_answer_meets_the_deadline(fake_server: Callable[..., Any]) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         await response.prepare(request)
@@ -320,19 +278,19 @@ def test_a_slow_drip_answer_meets_the_deadline(serve: Callable[[Callable[[web.Re
             await response.write(b" ")
             await asyncio.sleep(0.05)
 
-    url = serve(handler)
+    url = fake_server(handler).url
     with pytest.raises(InputError, match=r"did not finish answering within 1 s"):
         call_control_plane(url, "/v1/status", timeout=0.5)
 
 
-def test_rollback_passes_on_the_control_planes_error(runner: CliRunner, serve: Callable[[Callable[[web.Request], Any]], str]) -> None:
+def test_rollback_passes_on_the_control_planes_error(runner: CliRunner, fake_server: Callable[..., Any]) -> None:
     seen: list[Any] = []
 
     async def handler(request: web.Request) -> web.Response:
         seen.append((request.method, request.path, await request.json()))
         return web.json_response({"error": "this replica is not the leader"}, status=503)
 
-    url = serve(handler)
+    url = fake_server(handler).url
     digest = "sha256:" + "0" * 64
     result = run(runner, "rollback", "--control-plane", url, "--to", digest)
     assert result.exit_code == 2
@@ -366,12 +324,14 @@ def test_status_text_rendering(assert_snapshot: Callable[[str, str], None]) -> N
             "policy": {"canary_percent": 50, "bake_seconds": 300.0, "max_failures": 1},
         },
         "proxies": [
-            {"id": "reviews-a", "service": "reviews", "version": "v1", "release_version": 7, "bundle": bundle,
-             "state": "synced", "error": None, "last_seen": "2026-11-26T08:59:57.000Z"},
-            {"id": "reviews-b", "service": "reviews", "version": "v2", "release_version": 6, "bundle": None,
-             "state": "failed", "error": "golden request 'x' failed", "last_seen": "2026-11-26T08:57:00.000Z"},
             {"id": "web-1", "service": "web", "version": "v1", "release_version": None, "bundle": None,
-             "state": "stale", "error": None, "last_seen": "2026-11-25T07:00:00Z"},
+             "state": "stale", "error": None, "last_seen": "2026-11-25T07:00:00Z"},  # an older control plane's fields
+            {"id": "reviews-b", "service": "reviews", "version": "v2", "release_version": 6, "bundle": "sha256:" + "cd" * 32,
+             "state": "failed", "error": "golden request 'x' failed", "last_seen": "2026-11-26T08:57:00.000Z",
+             "last_seen_seconds_ago": 181.5, "desired_release_version": 7, "releases_behind": 1, "request_rate": 0.0},
+            {"id": "reviews-a", "service": "reviews", "version": "v1", "release_version": 7, "bundle": bundle,
+             "state": "synced", "error": None, "last_seen": "2026-11-26T08:59:57.000Z",  # the server's age wins
+             "last_seen_seconds_ago": 2.9, "desired_release_version": 7, "releases_behind": 0, "request_rate": 12.345},
         ],
     }  # fmt: skip
     import io
