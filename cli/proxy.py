@@ -100,6 +100,34 @@ def _mesh_identity(
     return pem
 
 
+def _access_log(value: str | None) -> None:
+    """`--access-log`: "-", "off", or a file whose directory exists; InputError saying what is wrong."""
+    if value is None or value in ("-", "off"):
+        return
+    path = Path(value)
+    if not value.strip() or path.is_dir():
+        raise InputError(f"--access-log {value!r}: give a file path, - (standard output) or off")
+    if not path.absolute().parent.is_dir():
+        raise InputError(f"--access-log {value}: the directory {path.absolute().parent} does not exist")
+
+
+def _otlp_endpoint(value: str | None) -> str | None:
+    """`--otlp-endpoint`: an http(s) base URL (`/v1/metrics`, `/v1/traces` are added); InputError."""
+    if value is None or not value.strip():
+        return None
+    where = f"--otlp-endpoint {value!r}"
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise InputError(f"{where}: not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise InputError(f"{where}: give an http:// or https:// URL with a host (e.g. http://127.0.0.1:4318)")
+    if parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        raise InputError(f"{where}: give only scheme, host, port and path (no query, fragment or user)")
+    return value.strip().rstrip("/")
+
+
 @click.command("proxy")
 @click.option("--service", required=True, metavar="S", help="The local app's service name.")
 @click.option("--version", "version", required=True, metavar="V", help="The local app's version (e.g. v1).")
@@ -165,6 +193,18 @@ def _mesh_identity(
     metavar="SECONDS",
     help="Answer 408 and close when a request head takes longer than this (slowloris).",
 )
+@click.option(
+    "--access-log",
+    metavar="PATH|-|off",
+    help="JSON lines, one per request (default: STATE_DIR/access.log, rotated at 10 MiB); - for stdout, off for none.",
+)
+@click.option(
+    "--otlp-endpoint",
+    envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+    metavar="URL",
+    help="Push metrics and traces over OTLP/HTTP to URL/v1/metrics and URL/v1/traces "
+    "(or env OTEL_EXPORTER_OTLP_ENDPOINT; default: no push, /metrics only).",
+)
 def proxy_command(
     service: str,
     version: str,
@@ -181,6 +221,8 @@ def proxy_command(
     join_token: str | None,
     max_request_body: int | None,
     header_timeout: float,
+    access_log: str | None,
+    otlp_endpoint: str | None,
 ) -> None:
     """Run the sidecar proxy for one instance of SERVICE at VERSION.
 
@@ -261,6 +303,8 @@ def proxy_command(
     urls = tuple(dict.fromkeys(_control_plane_url(url) for url in control_plane))
     ca_pem = _mesh_identity(ca_cert, join_token, bundle=bundle, urls=urls, service=service)
     trusted = load_public_keys(trust, where="--trust:")
+    _access_log(access_log)
+    otlp = _otlp_endpoint(otlp_endpoint)
     make_state_dir(state_dir)
 
     from starmesh.runtime.http.limits import HttpLimits
@@ -281,5 +325,7 @@ def proxy_command(
         ca_cert=ca_pem,
         join_token=join_token if ca_pem is not None else None,
         limits=HttpLimits(max_request_body=max_request_body, header_timeout=header_timeout),
+        access_log=access_log,
+        otlp_endpoint=otlp,
     )
     sys.exit(run_proxy(config))

@@ -7,7 +7,8 @@
                     control_plane ({url, last_contact, connected, proxy_id}; null in the --bundle form)
     GET /explain    ?service=S&path=P&method=M&source=S&header=name:value (header repeats):
                     the decision trace against the live table, as `starmesh explain --format json`
-    GET /metrics    Prometheus text (text/plain; version=0.0.4)
+    GET /metrics    Prometheus text (text/plain; version=0.0.4): everything the proxy counts
+                    and its state, rendered by OpenTelemetry's Prometheus exporter (otel_metrics.py)
 
 aiohttp serves it: it is off the hot path, and an operator's curl deserves clear
 answers. Requests here are not access-logged.
@@ -15,6 +16,7 @@ answers. Requests here are not access-logged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from aiohttp import web
 from starmesh.bundle.decide import RequestInfo, UnknownService
 from starmesh.runtime.apply import Applier
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "AdminInfo", "admin_app", "config_metrics", "start_admin"]
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "AdminInfo", "admin_app", "start_admin"]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -35,31 +37,17 @@ class AdminInfo:
     """What the admin listener reports besides the applied config.
 
     `listeners` maps a listener's name (outbound, inbound, admin, app) to its address;
-    `metrics` renders the Prometheus text; `not_ready` says why there is no config
-    (None: no config has been offered yet); `control_plane` is `/config`'s block about
-    the control-plane connection (None in the `--bundle` form)."""
+    `metrics` renders the Prometheus text (ProxyMetrics.render, called in a worker
+    thread); `not_ready` says why there is no config (None: no config has been offered
+    yet); `control_plane` is `/config`'s block about the control-plane connection (None
+    in the `--bundle` form)."""
 
     service: str
     version: str
     listeners: Mapping[str, str]
-    metrics: Callable[[], str]
+    metrics: Callable[[], bytes]
     not_ready: Callable[[], str | None]
     control_plane: Callable[[], Mapping[str, object] | None] = lambda: None
-
-
-def config_metrics(applier: Applier) -> str:
-    """The config's own series: `starmesh_config_release_version`, `starmesh_config_apply_total{result}`."""
-    applied = applier.applied
-    version = -1 if applied is None or applied.release_version is None else applied.release_version
-    return (
-        "# HELP starmesh_config_release_version The applied release's version (-1: none, or a --bundle file).\n"
-        "# TYPE starmesh_config_release_version gauge\n"
-        f"starmesh_config_release_version {version}\n"
-        "# HELP starmesh_config_apply_total Config applies, by result.\n"
-        "# TYPE starmesh_config_apply_total counter\n"
-        f'starmesh_config_apply_total{{result="ok"}} {applier.applies}\n'
-        f'starmesh_config_apply_total{{result="rejected"}} {applier.rejections}\n'
-    )
 
 
 def _optional_dict(block: Mapping[str, object] | None) -> dict[str, object] | None:
@@ -130,7 +118,8 @@ def admin_app(applier: Applier, info: AdminInfo) -> web.Application:
         return _json(decision.to_json())
 
     async def metrics(_: web.Request) -> web.Response:
-        response = web.Response(body=(info.metrics() + config_metrics(applier)).encode())
+        # Rendering thousands of samples takes tens of ms: in a worker thread, not on the loop.
+        response = web.Response(body=await asyncio.to_thread(info.metrics))
         response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
         return response
 

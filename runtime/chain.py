@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from starmesh.bundle.errors import IdentityError
 from starmesh.bundle.identity import spiffe_id
 from starmesh.bundle.routes import PreparedRule, PreparedService
-from starmesh.bundle.spec import MtlsMode
+from starmesh.bundle.spec import MeshConfig, MtlsMode
 from starmesh.runtime.filters.authorization import authorization_filter
 from starmesh.runtime.filters.balancer import EndpointSource, balancer
 from starmesh.runtime.filters.circuit_breaker import DEFAULT_BREAKER, circuit_breaker_filter
@@ -49,8 +49,9 @@ from starmesh.runtime.filters.mirror import mirror_filter
 from starmesh.runtime.filters.rate_limit import rate_limit_filter
 from starmesh.runtime.filters.retry import retry_filter
 from starmesh.runtime.filters.split import split_filter
-from starmesh.runtime.filters.telemetry import telemetry_filter
+from starmesh.runtime.filters.telemetry import Observe, telemetry_filter
 from starmesh.runtime.filters.timeout import RouteTimeout, timeout_filter
+from starmesh.runtime.access_log import AccessLog
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.filters.upstream import Pool, app_handler, mapped_send
 from starmesh.runtime.http.client import UpstreamPool
@@ -58,6 +59,7 @@ from starmesh.runtime.http.errors import UpstreamError
 from starmesh.runtime.message import Filter, Handler, Request, Response
 from starmesh.runtime.state import StateSource
 from starmesh.runtime.telemetry import Recorder
+from starmesh.runtime.tracing import Tracer
 from starmesh.runtime.tls import MeshTLS
 
 __all__ = ["ChainDeps", "EndpointSource", "OutboundMTLS", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
@@ -149,7 +151,11 @@ class ChainDeps:
     ejections, rate-limit refill and durations) and `sleep` (backoff, fault delays)
     are injectable so tests are deterministic; deadlines use the event loop's time.
     `mtls` originates mTLS (None: no workload identity, plaintext); `trust_domain` is
-    the applied bundle's (RouteTable.build sets it), the one peers' SVIDs must name."""
+    the applied bundle's (RouteTable.build sets it), the one peers' SVIDs must name.
+    `tracer` and `access_log` trace and log every request (None: neither, the telemetry
+    filter only counts); `mesh` is the applied bundle's mesh settings they follow
+    (sample_percent, access_log), and while a table is built without it, `live_mesh()`
+    gives the live table's at each chain's first request."""
 
     pool: ProxyPool
     endpoints: Endpoints
@@ -162,6 +168,16 @@ class ChainDeps:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     mtls: OutboundMTLS | None = None
     trust_domain: str = "cluster.local"
+    tracer: Tracer | None = None
+    access_log: AccessLog | None = None
+    mesh: MeshConfig | None = None
+    live_mesh: Callable[[], MeshConfig | None] | None = None
+
+
+def _route_name(service: str, rule: PreparedRule) -> str:
+    """The rule as spans and access-log lines name it: "route/reviews/0 mesh.star:12"."""
+    name = f"service/{service}" if rule.index is None else f"route/{service}/{rule.index}"
+    return name if rule.location is None else f"{name} {rule.location.file}:{rule.location.line}"
 
 
 def _assemble(layers: list[Filter | None], terminal: Handler) -> Handler:
@@ -180,9 +196,17 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
     outliers = (
         deps.state.outliers(name, spec.outlier_detection) if spec.outlier_detection is not None else None
     )
+    if outliers is not None:  # ejections are counted where they happen (the service's one cell)
+        outliers.ejections = deps.recorder.count("outlier_ejections", name)
+    # Route timeouts and per-try timeouts are counted per service, where either is configured.
+    per_try = retries is not None and retries.per_try_timeout_ms is not None
+    timeouts = deps.recorder.count("timeouts", name) if rule.timeout_ms is not None or per_try else None
     # With retries, the retry filter runs the route's timeout itself (one layer fewer).
-    fused_timeout = RouteTimeout(rule.timeout_ms) if retries is not None and rule.timeout_ms is not None else None
+    fused_timeout = (
+        RouteTimeout(rule.timeout_ms, timeouts) if retries is not None and rule.timeout_ms is not None else None
+    )
     breaker = deps.state.breaker(name, spec.circuit_breaker or DEFAULT_BREAKER)
+    overflows = deps.recorder.count("circuit_breaker_overflows", name)
     # Plaintext, or mTLS originated to this service (chosen once, here, never per request).
     pool = deps.pool if deps.mtls is None else deps.mtls.pool_for(name, service.mtls, deps.trust_domain)
     # The upstream call: raw when the retry filter maps errors itself, mapped otherwise.
@@ -199,7 +223,7 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
         rng=deps.rng,
     )
     layers: list[Filter | None] = [
-        # Count and time every request, whatever answers it.
+        # Count, time, trace and log every request, whatever answers it.
         telemetry_filter(
             deps.recorder,
             deps.clock,
@@ -207,6 +231,7 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
             source=deps.local_service,
             destination=name,
             version=None,
+            observe=Observe(deps.tracer, deps.access_log, deps.mesh, deps.live_mesh, route=_route_name(name, rule)),
         ),
         # Pick the version once per request, before any retry.
         split_filter(rule, deps.rng),
@@ -226,15 +251,17 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
             rng=deps.rng,
         ),
         # One deadline over the whole request, retries included: 504 `timeout`.
-        timeout_filter(rule.timeout_ms) if fused_timeout is None else None,
+        timeout_filter(rule.timeout_ms, timeouts) if fused_timeout is None else None,
         # More tries within the service's budget, the deadline, idempotence and replayability
         # (and the timeout's deadline when `fused_timeout` is set, and the breaker's slots).
         retry_filter(
-            retries, deps.state.budget(name), rng=deps.rng, sleep=deps.sleep, timeout=fused_timeout, breaker=breaker
+            retries, deps.state.budget(name), rng=deps.rng, sleep=deps.sleep, timeout=fused_timeout, breaker=breaker,
+            retry_count=deps.recorder.count("retries", name) if retries is not None else None,
+            timeout_count=timeouts, overflow_count=overflows,
         ),
         # Slots in flight and a bounded pending queue per service: 503 `overflow`
         # (inside the retry filter when the route retries).
-        circuit_breaker_filter(breaker) if retries is None else None,
+        circuit_breaker_filter(breaker, overflows) if retries is None else None,
     ]
     return _assemble(layers, terminal)
 
@@ -243,7 +270,7 @@ def build_inbound(service: PreparedService | None, deps: ChainDeps, app: str) ->
     """The receiving side's handler: `service` is the local service (None: not in the bundle)."""
     name = deps.local_service if service is None else service.name
     layers: list[Filter | None] = [
-        # Count and time every request; the source is the caller's proven identity.
+        # Count, time, trace and log every request; the source is the caller's proven identity.
         telemetry_filter(
             deps.recorder,
             deps.clock,
@@ -251,11 +278,19 @@ def build_inbound(service: PreparedService | None, deps: ChainDeps, app: str) ->
             source=None,
             destination=name,
             version=deps.local_version,
+            observe=Observe(
+                deps.tracer,
+                deps.access_log,
+                deps.mesh,
+                deps.live_mesh,
+                authorization=service.authorization if service is not None else None,
+            ),
         ),
         # The shared decision engine: 403 `denied` (enforce) or a counted would-deny (audit).
         authorization_filter(name, service.authorization if service is not None else None, deps.recorder),
         # The local token bucket: 429 `rate-limited` with Retry-After.
-        rate_limit_filter(name, deps.state.bucket(name, service.rate_limit, deps.clock()), deps.clock)
+        rate_limit_filter(name, deps.state.bucket(name, service.rate_limit, deps.clock()), deps.clock,
+                          deps.recorder.count("rate_limited", name))
         if service is not None and service.rate_limit is not None
         else None,
     ]

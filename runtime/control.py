@@ -72,7 +72,8 @@ class ControlPlaneClient:
     """Keeps the proxy's config in step with the control plane (see the module docstring).
 
     `address` gives the inbound listener's bound address (what peers call); `on_applied`
-    hears every successful control-plane apply (the proxy prints `applied release N ...`)."""
+    hears every successful control-plane apply (the proxy prints `applied release N ...`);
+    `requests_total` counts the requests answered so far (heartbeats report it)."""
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class ControlPlaneClient:
         on_applied: Callable[[ApplyResult], None] = lambda result: None,
         rng: random.Random | None = None,
         now: Callable[[], datetime] = _utc_now,
+        requests_total: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
@@ -92,7 +94,9 @@ class ControlPlaneClient:
         self._on_applied = on_applied
         self._rng = rng or random.Random()
         self._now = now
-        self.reporter = Reporter(self.channel, applied=lambda: applier.applied, address=address, rng=self._rng)
+        self.reporter = Reporter(
+            self.channel, applied=lambda: applier.applied, address=address, rng=self._rng, requests_total=requests_total
+        )
         self.endpoints = EndpointsFollower(self.channel, applier, rng=self._rng)
         self._tasks: list[asyncio.Task[None]] = []
         self._nack_backoff = Backoff(self.limits.nack_backoff_base, self.limits.nack_backoff_cap, self._rng)

@@ -12,6 +12,7 @@ The two have a session each: a certificate request never waits behind a long-pol
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 from starmesh.runtime.control import ControlPlaneClient
 from starmesh.runtime.control_http import ControlPlaneSettings
@@ -60,7 +61,12 @@ class ControlLink:
             return self.workload.waiting_for()
         return self.client.waiting_for()
 
-    def metrics(self) -> str:
-        """The client's gauge and, with a workload identity, `starmesh_certificate_expiry_seconds`."""
-        text = self.client.metrics()
-        return text if self.workload is None else text + self.workload.metrics()
+    def last_contact_age(self) -> float | None:
+        """Seconds since the control plane last answered (None: never); the metrics' gauge."""
+        return self.client.targets.age()
+
+    def certificate_expiry(self) -> float | None:
+        """Seconds until the workload certificate expires, negative once past (None: no
+        certificate, or no --ca-cert); the metrics' gauge."""
+        current = None if self.workload is None else self.workload.current
+        return None if current is None else (current.not_after - datetime.now(UTC)).total_seconds()

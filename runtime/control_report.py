@@ -1,15 +1,17 @@
 """Heartbeats and ACK/NACK reports: what the control plane knows about this proxy.
 
-    POST /v1/proxies/ID          {service, version, address, release_version, bundle}
-                                 every `heartbeat_seconds` the answer names (5 s until it
-                                 does, kept within 0.1–60 s)
+    POST /v1/proxies/ID          {service, version, address, release_version, bundle,
+                                 requests_total} every `heartbeat_seconds` the answer names
+                                 (5 s until it does, kept within 0.1–60 s)
     POST /v1/proxies/ID/status   {version, bundle, error}: ACK (error null) or NACK (the reason)
 
 The heartbeat registers the proxy (its inbound address goes into the endpoint table)
-and says what it runs. A report that does not get through is kept, only the latest
-one (a bound), and sent again after the next heartbeat; a 404 (the control plane does
-not know this id yet, or forgot it) gets a heartbeat and one more try. Failures move
-the shared `Targets` to the next URL and back off like the other loops.
+and says what it runs, and how many requests it has answered since it started
+(`requests_total`, both directions: the control plane derives its request rate). A
+report that does not get through is kept, only the latest one (a bound), and sent
+again after the next heartbeat; a 404 (the control plane does not know this id yet,
+or forgot it) gets a heartbeat and one more try. Failures move the shared `Targets`
+to the next URL and back off like the other loops.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Reporter:
     """Sends heartbeats (`run`) and ACK/NACK reports (`report`) over the client's channel.
 
     `applied` gives the live config (what the heartbeat says it runs); `address` the
-    inbound listener's bound address."""
+    inbound listener's bound address; `requests_total` the requests answered so far
+    (the telemetry recorder's count; without it the heartbeat leaves the field out)."""
 
     def __init__(
         self,
@@ -51,12 +54,14 @@ class Reporter:
         applied: Callable[[], AppliedConfig | None],
         address: Callable[[], str],
         rng: random.Random,
+        requests_total: Callable[[], int] | None = None,
     ) -> None:
         self.channel = channel
         self.settings = channel.settings
         self.limits = channel.limits
         self._applied = applied
         self._address = address
+        self._requests_total = requests_total
         self._rng = rng
         self.heartbeat_seconds = self.limits.heartbeat_seconds
         self._pending: dict[str, Any] | None = None
@@ -97,13 +102,15 @@ class Reporter:
     async def heartbeat(self, url: str) -> None:
         """One heartbeat to `url`; takes the interval from the answer. ControlPlaneError when refused."""
         applied = self._applied()
-        body = {
+        body: dict[str, Any] = {
             "service": self.settings.service,
             "version": self.settings.version,
             "address": self._address(),
             "release_version": None if applied is None else applied.release_version,
             "bundle": None if applied is None else applied.digest,
         }
+        if self._requests_total is not None:
+            body["requests_total"] = self._requests_total()
         answer = await self.channel.request(
             "POST", f"{url}/v1/proxies/{self.settings.proxy_id}", cap=self.limits.answer_bytes,
             deadline=self.limits.request_seconds, what="heartbeat", body=body,

@@ -48,6 +48,7 @@ from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
+from starmesh.runtime.access_log import open_access_log
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.apply import Applier, ApplyResult
 from starmesh.runtime.chain import ChainDeps, OutboundMTLS
@@ -61,8 +62,11 @@ from starmesh.runtime.message import Handler, Request, Response, proxy_response
 from starmesh.runtime.startup import ProxyConfig, apply_files, control_plane_settings, reload_files, start_config
 from starmesh.runtime.startup import workload_identity
 from starmesh.runtime.state import StateRegistry
+from starmesh.runtime.otel_gauges import StateSources, register_state_gauges
+from starmesh.runtime.otel_metrics import ProxyMetrics
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.tls import InboundPolicy, InboundTLS, MeshListener, MeshTLS
+from starmesh.runtime.tracing import Tracer
 
 __all__ = [
     "CONTROL_PLANE_PLAINTEXT_NOTICE",
@@ -98,10 +102,20 @@ class Proxy:
         self.limits = config.limits
         self.pool = UpstreamPool(self.limits)
         self.recorder = MemoryRecorder()
+        # Metrics: the recorder's counts and (below) the proxy's state through OpenTelemetry,
+        # for /metrics and, with --otlp-endpoint, pushed over OTLP (otel_metrics.py).
+        self.metrics = ProxyMetrics(
+            self.recorder,
+            resource={"service.name": config.service, "service.version": config.version},
+            otlp_endpoint=config.otlp_endpoint,
+        )
         self.endpoints = Endpoints()
         # With --ca-cert: the workload identity, and mTLS on both sides from its contexts.
         self.workload = workload_identity(config, self._bundle_trust_domain)
         mesh = None if self.workload is None else MeshTLS(self.workload, self.workload.roots)
+        # Traces (spans exported with --otlp-endpoint) and access logs (--access-log), every request.
+        self.tracer = Tracer(config.service, config.version, endpoint=config.otlp_endpoint)
+        self.access_log = open_access_log(config.access_log, config.state_dir)
         self.deps = ChainDeps(
             pool=self.pool,
             endpoints=self.endpoints,
@@ -112,12 +126,20 @@ class Proxy:
             rng=random.Random(),
             clock=time.monotonic,
             mtls=None if mesh is None else OutboundMTLS(self.pool, mesh, self.endpoints),
+            tracer=self.tracer,
+            access_log=self.access_log,
+            live_mesh=lambda: None if self.applier.current is None else self.applier.current.bundle.spec.mesh,
         )
         self.applier = Applier(self.deps, app=config.app, state_dir=config.state_dir)
         self.inbound_tls = (
             None if mesh is None
             else InboundTLS(mesh, self._inbound_policy, handshake_timeout=self.limits.header_timeout)
         )  # fmt: skip  (a silent or slow handshake gets as long as a slow request head)
+        # The proxy's state as metrics, read when they are collected (otel_gauges.py).
+        register_state_gauges(
+            self.metrics.meter,
+            StateSources(self.applier, self.inbound_tls, lambda: self.link, access_log=self.access_log),
+        )
         self.listeners: dict[str, str] = {"app": config.app}
         self._servers: list[asyncio.Server | MeshListener] = []
         self._admin: web.AppRunner | None = None
@@ -198,11 +220,13 @@ class Proxy:
             host, port = _split(address)
             try:
                 server: asyncio.Server | MeshListener
+                counts = self.recorder.connections  # starmesh_active_connections{listener}
                 if side == "inbound" and self.inbound_tls is not None:  # TLS or not per the mode, per connection
                     server = await start_listener(host, port, dispatch, side=side, limits=self.limits,
-                                                  tls=self.inbound_tls)  # fmt: skip
+                                                  tls=self.inbound_tls, connections=counts)  # fmt: skip
                 else:
-                    server = await start_listener(host, port, dispatch, side=side, limits=self.limits)
+                    server = await start_listener(host, port, dispatch, side=side, limits=self.limits,
+                                                  connections=counts)  # fmt: skip
             except OSError as exc:
                 raise ListenerError(f"--{side} {address}: cannot listen: {exc.strerror or exc}") from exc
             self._servers.append(server)
@@ -222,7 +246,8 @@ class Proxy:
             raise ListenerError(f"--admin {self.config.admin}: cannot listen: {exc.strerror or exc}") from exc
         if settings is not None:
             self.client = ControlPlaneClient(
-                settings, self.applier, address=lambda: self.listeners["inbound"], on_applied=self._applied
+                settings, self.applier, address=lambda: self.listeners["inbound"], on_applied=self._applied,
+                requests_total=self.recorder.requests_total,
             )
             self.link = ControlLink(settings, self.client, self.workload)
         self._say(self._notice(settings is not None))
@@ -245,11 +270,8 @@ class Proxy:
     def _applied(self, result: ApplyResult) -> None:
         self._say(f"applied release {result.version} {result.digest}")
 
-    def _metrics(self) -> str:
-        text = self.recorder.render()
-        if self.inbound_tls is not None:
-            text += self.inbound_tls.metrics()
-        return text if self.link is None else text + self.link.metrics()
+    def _metrics(self) -> bytes:
+        return self.metrics.render()
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -288,6 +310,11 @@ class Proxy:
         for task in list(self._tasks):
             task.cancel()
         await self.pool.close()
+        # Write the queued access-log lines and export the queued spans (both bounded in time).
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
+        await asyncio.to_thread(self.tracer.shutdown)
+        await asyncio.to_thread(self.metrics.shutdown)  # with OTLP: a last push (bounded)
 
     def _in_flight(self) -> int:
         endpoints = self.endpoints.addresses() | {self.config.app}

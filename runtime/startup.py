@@ -71,6 +71,10 @@ class ProxyConfig:
     workload_limits: WorkloadLimits = WorkloadLimits()
     grace_seconds: float = 10.0
     limits: HttpLimits = HttpLimits()
+    access_log: str | None = None
+    """`--access-log`: a file path, "-" (standard output) or "off"; None: STATE_DIR/access.log."""
+    otlp_endpoint: str | None = None
+    """`--otlp-endpoint`: push metrics (URL/v1/metrics) and traces (URL/v1/traces) over OTLP/HTTP; None: no push."""
 
 
 def _read_files(config: ProxyConfig) -> tuple[bytes, EndpointTable | None]:

@@ -1,24 +1,45 @@
-"""What the telemetry filter records, and a small in-memory recorder.
+"""What the proxy counts per request and per connection, in counters bound ahead of time.
 
 The filters talk to a `Recorder` (a protocol); the proxy passes one in `ChainDeps`.
-`MemoryRecorder` counts requests and a duration histogram under the labels DESIGN.md
-fixes ("Metrics") and renders Prometheus text for `/metrics`. The observability issue
-replaces it with OpenTelemetry; it is kept small on purpose.
+Everything here is plain Python integers bound once (per route, per destination
+service, per listener), so a request pays a dict lookup on a short tuple, a few integer
+adds and one bisect; never an OpenTelemetry call, which costs ~6.5 µs each
+(docs/design/issue7-interfaces.md). runtime/otel_metrics.py turns these aggregates into
+OpenTelemetry metric data when /metrics is scraped or an OTLP export runs.
 
     starmesh_requests_total{direction, source_service, destination_service,
-                            destination_version, response_code, reason}
-    starmesh_request_duration_seconds_bucket{...same labels..., le}
-    starmesh_mirror_dropped_total{destination_service}
-    starmesh_authorization_audit_denials_total{destination_service, source_service}
+                            destination_version, response_code, reason}   request / bind
+    starmesh_request_duration_seconds{...the same labels...}             (a histogram)
+    starmesh_retries_total{destination_service}                           count("retries", s)
+    starmesh_timeouts_total{destination_service}                          count("timeouts", s)
+    starmesh_circuit_breaker_overflows_total{destination_service}         count("circuit_breaker_overflows", s)
+    starmesh_outlier_ejections_total{destination_service}                 count("outlier_ejections", s)
+    starmesh_rate_limited_total{destination_service}                      count("rate_limited", s)
+    starmesh_mirror_requests_total{destination_service, result}           count("mirror_sent" | "mirror_dropped", s)
+    starmesh_authorization_audit_denials_total{destination_service, source_service}   audit_denied
+    starmesh_active_connections{listener}                                 connections(listener)
+
+Labels are bounded by the config (services, versions, status codes, reason words):
+never a path, a query or a header value.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
-__all__ = ["DURATION_BUCKETS", "MemoryRecorder", "Recorder", "RouteRecord"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "LABELS",
+    "Count",
+    "Listener",
+    "MemoryRecorder",
+    "Recorder",
+    "RouteRecord",
+    "SeriesKey",
+    "ServiceCounter",
+]
 
 DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Upper bounds (seconds) of the duration histogram's buckets; +Inf is implied."""
@@ -28,11 +49,40 @@ _bisect_left = bisect.bisect_left
 RouteRecord = Callable[[str, int, str, float], None]
 """`record(version, status, reason, seconds)`: `Recorder.request` with the first three labels fixed."""
 
-_LABELS = ("direction", "source_service", "destination_service", "destination_version", "response_code", "reason")
+SeriesKey = tuple[str, str, str, str, int, str]
+"""(direction, source_service, destination_service, destination_version, response_code, reason)."""
+
+LABELS = ("direction", "source_service", "destination_service", "destination_version", "response_code", "reason")
+"""The names of a `SeriesKey`'s labels, in order."""
+
+ServiceCounter = Literal[
+    "retries",
+    "timeouts",
+    "circuit_breaker_overflows",
+    "outlier_ejections",
+    "rate_limited",
+    "mirror_sent",
+    "mirror_dropped",
+]
+"""What a destination service's `Count`s count (each is one metric, or one `result` of one)."""
+
+Listener = Literal["outbound", "inbound", "mesh"]
+"""Whose connections a `connections` gauge counts: the app's (outbound), peers' in
+plaintext (inbound), peers' over mTLS (mesh)."""
+
+
+class Count:
+    """One counter cell, bound once: the hot path does `count.n += 1` (a gauge also `-= 1`)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
 
 
 class Recorder(Protocol):
-    """Where the chain reports what happened; every method is called on the hot path."""
+    """Where the chain reports what happened; every method is cheap enough for the hot path,
+    and the binding ones (`bind`, `count`, `connections`) are meant to be called once."""
 
     def request(
         self,
@@ -49,42 +99,42 @@ class Recorder(Protocol):
     def bind(self, direction: str, source: str, destination: str) -> RouteRecord:
         """`request` for one route's fixed labels (built once per route, called per request)."""
 
-    def mirror_dropped(self, service: str) -> None:
-        """A mirror copy of a request to `service` was not sent (bound reached, body streamed, no endpoint)."""
+    def count(self, name: ServiceCounter, service: str) -> Count:
+        """The counter `name` of destination `service` (the same cell for every caller)."""
+
+    def connections(self, listener: Listener) -> Count:
+        """The gauge of open connections on `listener` (the same cell for every caller)."""
 
     def audit_denied(self, service: str, source: str | None, method: str, path: str) -> None:
         """Audit-mode authorization of `service` would have denied this request (`would_deny`)."""
 
 
 class _Series:
-    __slots__ = ("count", "total", "buckets")
+    """One label set's histogram: the request count is the sum of its buckets."""
+
+    __slots__ = ("total", "buckets")
 
     def __init__(self) -> None:
-        self.count = 0
         self.total = 0.0
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple[str, ...], values: tuple[object, ...], extra: str = "") -> str:
-    pairs = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}"
-
-
 class MemoryRecorder:
-    """Counts in dictionaries keyed by label tuples; `render()` gives Prometheus text."""
+    """Counts in dictionaries keyed by label tuples, read by runtime/otel_metrics.py.
 
-    __slots__ = ("_series", "mirror_drops", "audit_denials")
+    The readers (`series`, `counts`, `open_connections`, `denials`) copy what they read
+    in one C-level step each, so an OTLP export on the SDK's thread sees whole entries
+    while the event loop keeps counting."""
+
+    __slots__ = ("_series", "_counts", "_connections", "audit_denials")
 
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str, str, str, int, str], _Series] = {}
-        self.mirror_drops: dict[str, int] = {}
+        self._series: dict[SeriesKey, _Series] = {}
+        self._counts: dict[tuple[ServiceCounter, str], Count] = {}
+        self._connections: dict[Listener, Count] = {}
         self.audit_denials: dict[tuple[str, str], int] = {}
+
+    # -- the hot path ----------------------------------------------------------------------
 
     def request(
         self,
@@ -101,7 +151,6 @@ class MemoryRecorder:
             series = self._series[key]
         except KeyError:
             series = self._series[key] = _Series()
-        series.count += 1
         series.total += seconds
         series.buckets[_bisect_left(DURATION_BUCKETS, seconds)] += 1
 
@@ -118,55 +167,66 @@ class MemoryRecorder:
             except KeyError:
                 key = (direction, source, destination, version, status, reason)
                 series = cells[cell] = every.setdefault(key, _Series())
-            series.count += 1
             series.total += seconds
             series.buckets[_bisect_left(DURATION_BUCKETS, seconds)] += 1
 
         return record
 
-    def mirror_dropped(self, service: str) -> None:
-        self.mirror_drops[service] = self.mirror_drops.get(service, 0) + 1
+    def count(self, name: ServiceCounter, service: str) -> Count:
+        key = (name, service)
+        cell = self._counts.get(key)
+        if cell is None:
+            cell = self._counts[key] = Count()
+        return cell
+
+    def connections(self, listener: Listener) -> Count:
+        cell = self._connections.get(listener)
+        if cell is None:
+            cell = self._connections[listener] = Count()
+        return cell
 
     def audit_denied(self, service: str, source: str | None, method: str, path: str) -> None:
         key = (service, source or "")
         self.audit_denials[key] = self.audit_denials.get(key, 0) + 1
 
+    # -- readers -----------------------------------------------------------------------------
+
+    def series(self) -> list[tuple[SeriesKey, float, list[int]]]:
+        """Every request series: its labels, the seconds summed, the bucket counts (+Inf last)."""
+        return [(key, series.total, list(series.buckets)) for key, series in list(self._series.items())]
+
+    def counts(self) -> list[tuple[ServiceCounter, str, int]]:
+        """Every bound service counter: (name, service, value); zero until it counts."""
+        return [(name, service, cell.n) for (name, service), cell in list(self._counts.items())]
+
+    def open_connections(self) -> list[tuple[Listener, int]]:
+        """Open connections per listener that has had one."""
+        return [(listener, cell.n) for listener, cell in list(self._connections.items())]
+
+    def denials(self) -> list[tuple[tuple[str, str], int]]:
+        """Audit-mode would-deny counts per (destination service, source service)."""
+        return list(self.audit_denials.items())
+
+    @property
+    def mirror_drops(self) -> dict[str, int]:
+        """Mirror copies dropped, per service that dropped any."""
+        return {service: n for name, service, n in self.counts() if name == "mirror_dropped" and n}
+
     def requests_total(self, **labels: str | int) -> int:
-        """The request count over every series whose labels include `labels` (for tests, /metrics)."""
+        """The request count over every series whose labels include `labels`; with none, every
+        request answered (what heartbeats report)."""
         total = 0
-        for key, series in self._series.items():
-            values = dict(zip(_LABELS, key, strict=True))
-            if all(values[name] == want for name, want in labels.items()):
-                total += series.count
+        for key, _, buckets in self.series():
+            if labels:
+                values = dict(zip(LABELS, key, strict=True))
+                if not all(values[name] == want for name, want in labels.items()):
+                    continue
+            total += sum(buckets)
         return total
 
     def render(self) -> str:
-        """Prometheus text exposition (version 0.0.4) of everything counted."""
-        out = [
-            "# HELP starmesh_requests_total Requests answered, by hop and outcome.",
-            "# TYPE starmesh_requests_total counter",
-        ]
-        items = sorted(self._series.items())
-        for key, series in items:
-            out.append(f"starmesh_requests_total{_labels(_LABELS, key)} {series.count}")
-        out.append("# HELP starmesh_request_duration_seconds Time to the response head.")
-        out.append("# TYPE starmesh_request_duration_seconds histogram")
-        for key, series in items:
-            running = 0
-            for bound, n in zip((*DURATION_BUCKETS, float("inf")), series.buckets, strict=True):
-                running += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                labels = _labels(_LABELS, key, 'le="' + le + '"')
-                out.append(f"starmesh_request_duration_seconds_bucket{labels} {running}")
-            out.append(f"starmesh_request_duration_seconds_sum{_labels(_LABELS, key)} {series.total}")
-            out.append(f"starmesh_request_duration_seconds_count{_labels(_LABELS, key)} {series.count}")
-        out.append("# HELP starmesh_mirror_dropped_total Mirror copies not sent (bound reached, streamed body, no endpoint).")
-        out.append("# TYPE starmesh_mirror_dropped_total counter")
-        for service, n in sorted(self.mirror_drops.items()):
-            out.append(f"starmesh_mirror_dropped_total{_labels(('destination_service',), (service,))} {n}")
-        out.append("# HELP starmesh_authorization_audit_denials_total Requests audit-mode authorization would deny.")
-        out.append("# TYPE starmesh_authorization_audit_denials_total counter")
-        for (service, source), n in sorted(self.audit_denials.items()):
-            names = ("destination_service", "source_service")
-            out.append(f"starmesh_authorization_audit_denials_total{_labels(names, (service, source))} {n}")
-        return "\n".join(out) + "\n"
+        """Prometheus text of what this recorder counted, as the OpenTelemetry bridge renders it
+        (for tests and debugging; the proxy's /metrics adds its state gauges)."""
+        from starmesh.runtime.otel_metrics import recorder_text  # the SDK only when asked
+
+        return recorder_text(self)

@@ -130,7 +130,8 @@ class InboundTLS:
 
     `policy()` is the live table's InboundPolicy (None before any config: then plaintext
     and TLS are both accepted, with the trust domain the mesh root names, since nothing
-    is served before a config anyway)."""
+    is served before a config anyway). `accepted` (per transport) and `refused` (per
+    reason) count connections; runtime/otel_gauges.py reports them as metrics."""
 
     def __init__(
         self, mesh: MeshTLS, policy: Callable[[], InboundPolicy | None], *, handshake_timeout: float = 10.0
@@ -188,14 +189,6 @@ class InboundTLS:
             log.warning("inbound connection from %s refused (%s): %s; more like it are not logged for %gs",
                         address, reason, detail, _LOG_EVERY)
         return PeerRefused(f"connection from {address} refused ({reason}): {detail}")
-
-    def metrics(self) -> str:
-        """Prometheus text: connections accepted per transport and refused per reason."""
-        lines = ["# TYPE starmesh_inbound_connections_total counter"]
-        lines += [f'starmesh_inbound_connections_total{{transport="{k}"}} {n}' for k, n in sorted(self.accepted.items())]
-        lines.append("# TYPE starmesh_inbound_connections_refused_total counter")
-        lines += [f'starmesh_inbound_connections_refused_total{{reason="{k}"}} {n}' for k, n in sorted(self.refused.items())]
-        return "\n".join(lines) + "\n"
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str:

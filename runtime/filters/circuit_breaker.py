@@ -20,6 +20,7 @@ from collections import deque
 
 from starmesh.bundle.spec import CircuitBreaker
 from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
+from starmesh.runtime.telemetry import Count
 
 __all__ = ["DEFAULT_BREAKER", "BreakerState", "circuit_breaker_filter"]
 
@@ -93,13 +94,14 @@ class BreakerState:
             raise
 
 
-def circuit_breaker_filter(state: BreakerState) -> Filter:
-    """Hold a slot of `state` around the inner call.
+def circuit_breaker_filter(state: BreakerState, overflows: Count | None = None) -> Filter:
+    """Hold a slot of `state` around the inner call; each 503 `overflow` is counted in `overflows`.
 
     (A route with retries has no such layer: the retry filter holds the slot around
     each try itself, through `admit`/`wait`/`release`.)"""
 
     overflow = state.overflow
+    overflowed = overflows or Count()
 
     def wrap(inner: Handler) -> Handler:
         async def breaker(request: Request) -> Response:
@@ -108,6 +110,7 @@ def circuit_breaker_filter(state: BreakerState) -> Filter:
             elif len(state.waiters) < state.max_pending:
                 await state.wait()
             else:
+                overflowed.n += 1
                 return overflow()
             try:
                 return await inner(request)

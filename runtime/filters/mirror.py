@@ -3,7 +3,8 @@
 The copy goes to one endpoint of the mirror version with `Host: <service>-shadow`
 (DESIGN.md). The request never waits for it and its outcome never touches the
 response. Copies in flight are bounded proxy-wide (`MirrorSlots`, 64 by default);
-a copy past the bound is dropped and counted (`starmesh_mirror_dropped_total`), and so
+a copy past the bound is dropped and counted (`starmesh_mirror_requests_total{result=
+"dropped"}`, also `starmesh_mirror_dropped_total`; sent ones as `result="sent"`), and so
 is one whose body is still streaming (only complete bodies are copied: copying a
 stream would make the request wait for the mirror) or whose version has no endpoint.
 Each copy is bounded in time by the route's timeout, else 10 s; its response body is
@@ -80,6 +81,8 @@ def mirror_filter(
     draw = rng.random
     tasks = slots.tasks
     send = pool.send
+    sent = recorder.count("mirror_sent", service)
+    dropped = recorder.count("mirror_dropped", service)
 
     async def copy_to(endpoint: str, copy: Request) -> None:
         try:
@@ -97,7 +100,7 @@ def mirror_filter(
         data = request.body.complete()
         addresses = endpoints.get(service, version)
         if data is None or not addresses or len(tasks) >= slots.limit:
-            recorder.mirror_dropped(service)
+            dropped.n += 1
             return
         headers = [field for field in request.headers if field[0] != "host"]
         headers.append(("host", shadow))
@@ -117,6 +120,7 @@ def mirror_filter(
         copy.target_version = version
         endpoint = addresses[int(draw() * len(addresses))] if len(addresses) > 1 else addresses[0]
         task = asyncio.get_running_loop().create_task(copy_to(endpoint, copy))
+        sent.n += 1
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 

@@ -20,16 +20,21 @@ or an upstream error; any other response resets the endpoint's run.
 from __future__ import annotations
 
 from starmesh.bundle.spec import OutlierDetection
+from starmesh.runtime.telemetry import Count
 
 __all__ = ["OutlierState"]
 
 
 class OutlierState:
-    """One service's ejections. `ejected` maps endpoint -> loop-independent clock time it returns."""
+    """One service's ejections. `ejected` maps endpoint -> loop-independent clock time it returns.
 
-    __slots__ = ("config", "failures", "ejected", "history", "next_return")
+    `ejections` counts every ejection (the chain binds the recorder's cell for the service,
+    `starmesh_outlier_ejections_total`)."""
+
+    __slots__ = ("config", "failures", "ejected", "history", "next_return", "ejections")
 
     def __init__(self, config: OutlierDetection) -> None:
+        self.ejections = Count()
         self.config = config
         self.failures: dict[str, int] = {}
         self.ejected: dict[str, float] = {}
@@ -77,6 +82,7 @@ class OutlierState:
         times += 1
         until = now + config.base_ejection_time_ms / 1000.0 * times
         ejected[endpoint] = until
+        self.ejections.n += 1
         self.history[endpoint] = (times, until)
         if until < self.next_return:
             self.next_return = until

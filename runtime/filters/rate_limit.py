@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from starmesh.bundle.spec import RateLimit
 from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
+from starmesh.runtime.telemetry import Count
 
 __all__ = ["TokenBucket", "rate_limit_filter"]
 
@@ -48,11 +49,15 @@ async def _answer(response: Response) -> Response:
     return response
 
 
-def rate_limit_filter(service: str, bucket: TokenBucket, clock: Callable[[], float]) -> Filter:
-    """Take a token of `bucket` per request; 429 when there is none."""
+def rate_limit_filter(
+    service: str, bucket: TokenBucket, clock: Callable[[], float], limited_count: Count | None = None
+) -> Filter:
+    """Take a token of `bucket` per request; 429 when there is none (counted in `limited_count`)."""
     take = bucket.take
+    counted = limited_count or Count()
 
     def limited(wait: float) -> Response:
+        counted.n += 1
         seconds = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
         return proxy_response(
             429,

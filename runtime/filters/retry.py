@@ -45,6 +45,7 @@ from starmesh.runtime.filters.replay import Recording
 from starmesh.runtime.filters.timeout import RouteTimeout
 from starmesh.runtime.filters.upstream import UpstreamError, upstream_error_response
 from starmesh.runtime.message import FixedBody, Filter, Handler, Request, Response, proxy_response
+from starmesh.runtime.telemetry import Count
 
 __all__ = [
     "BACKOFF_BASE",
@@ -105,14 +106,22 @@ def retry_filter(
     sleep: Sleep,
     timeout: RouteTimeout | None = None,
     breaker: BreakerState | None = None,
+    retry_count: Count | None = None,
+    timeout_count: Count | None = None,
+    overflow_count: Count | None = None,
 ) -> Filter | None:
     """Retry per `policy`; None when the route makes no retries.
 
     With `timeout` the filter also is the route's timeout (timeout.py's behaviour,
     outside the tries), and with `breaker` it holds a breaker slot around each try
-    (circuit_breaker.py's behaviour): one coroutine layer per request instead of three."""
+    (circuit_breaker.py's behaviour): one coroutine layer per request instead of three.
+    The counts: each retry made, each try cut off by `per_try_timeout`, each try the
+    breaker turned away (the destination service's cells in the recorder)."""
     if policy is None or policy.attempts <= 0:
         return None
+    retried = retry_count or Count()
+    timed_out_tries = timeout_count or Count()
+    overflowed = overflow_count or Count()
     start_timeout = timeout.start if timeout is not None else None
     timed_out = timeout.timed_out if timeout is not None else None
     attempts = policy.attempts
@@ -170,6 +179,7 @@ def retry_filter(
                             else:  # the circuit breaker's layer, inline: a slot per try
                                 admitted = breaker.admit()
                                 if admitted is False:
+                                    overflowed.n += 1
                                     response = breaker.overflow()
                                 else:
                                     if admitted is None:
@@ -184,6 +194,7 @@ def retry_filter(
                         except asyncio.CancelledError:
                             if expiry is None or not expiry.expired():
                                 raise
+                            timed_out_tries.n += 1
                             again = on_5xx and request.method in IDEMPOTENT_METHODS  # cut off by per_try_timeout
                         else:
                             # The inner code swallowed the cancellation (`fired` first: expired()
@@ -191,6 +202,7 @@ def retry_filter(
                             if expiry is not None and expiry.fired and expiry.expired():
                                 response.body.close()
                                 response = None
+                                timed_out_tries.n += 1
                                 again = on_5xx and request.method in IDEMPOTENT_METHODS
                             else:
                                 again = (
@@ -220,6 +232,7 @@ def retry_filter(
                         if wait > 0.0:
                             await sleep(wait)
                         tries += 1
+                        retried.n += 1
                         request.body = recording.body() if recording is not None else FixedBody(data or b"")
                 finally:
                     budget.active -= 1

@@ -19,19 +19,22 @@ from typing import Any
 
 from starmesh.runtime.filters.deadline import DeadlineQueue, Expiry, running
 from starmesh.runtime.message import Filter, Handler, Request, Response, proxy_response
+from starmesh.runtime.telemetry import Count
 
 __all__ = ["RouteTimeout", "timeout_filter"]
 
 
 class RouteTimeout:
-    """One route's timeout: starts a request's deadline and makes the 504 `timeout` answer."""
+    """One route's timeout: starts a request's deadline and makes the 504 `timeout` answer
+    (counted in `timeouts`, the destination service's `starmesh_timeouts_total`)."""
 
-    __slots__ = ("seconds", "what", "_deadlines")
+    __slots__ = ("seconds", "what", "_deadlines", "_timeouts")
 
-    def __init__(self, timeout_ms: int) -> None:
+    def __init__(self, timeout_ms: int, timeouts: Count | None = None) -> None:
         self.seconds = timeout_ms / 1000.0
         self.what = f"no response within the route's timeout ({timeout_ms} ms, retries included)"
         self._deadlines = DeadlineQueue()
+        self._timeouts = timeouts or Count()
 
     def start(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], request: Request) -> Expiry:
         """Set `request.deadline` (an earlier one already set stays) and arm it."""
@@ -42,15 +45,16 @@ class RouteTimeout:
         return self._deadlines.start(loop, deadline, task)
 
     def timed_out(self) -> Response:
-        """The caller's answer when the deadline passed."""
+        """The caller's answer when the deadline passed (once per request that timed out)."""
+        self._timeouts.n += 1
         return proxy_response(504, "timeout", self.what)
 
 
-def timeout_filter(timeout_ms: int | None) -> Filter | None:
-    """Bound requests by `timeout_ms`; None when the route has no timeout."""
+def timeout_filter(timeout_ms: int | None, timeouts: Count | None = None) -> Filter | None:
+    """Bound requests by `timeout_ms`, counting timeouts in `timeouts`; None when the route has no timeout."""
     if timeout_ms is None:
         return None
-    route_timeout = RouteTimeout(timeout_ms)
+    route_timeout = RouteTimeout(timeout_ms, timeouts)
     start = route_timeout.start
     timed_out = route_timeout.timed_out
 

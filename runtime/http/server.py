@@ -26,6 +26,10 @@ the connection proved. With `tls=InboundTLS(...)` the inbound listener is a mesh
 listener (runtime/tls.py): each connection is TLS or plaintext per the mode at accept
 time, a TLS peer's SVID becomes the source, and a peer refused after the handshake is
 closed before any request is read.
+
+With `connections`, each listener counts its open connections in the recorder's gauge
+(`starmesh_active_connections{listener}`): one add when a connection is served, one
+subtract when it is lost or its tunnel ends; nothing per request.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from starmesh.runtime.http.reader import RequestReader
 from starmesh.runtime.http.tunnel import Tunnel
 from starmesh.runtime.http.wire import CONTINUE, LAST_CHUNK, chunk_prefix, encode_head, status_line
 from starmesh.runtime.message import Body, FixedBody, Request, Response, proxy_response
+from starmesh.runtime.telemetry import Count, Listener
 from starmesh.runtime.tls import InboundTLS, MeshListener, PeerRefused
 
 __all__ = ["Dispatch", "PeerIdentity", "start_listener"]
@@ -54,6 +59,9 @@ Dispatch = Callable[[Request], Awaitable[Response]]
 
 PeerIdentity = Callable[[asyncio.Transport], "str | None"]
 """The caller's identity proven by the connection (mTLS), read once per connection."""
+
+Connections = Callable[[Listener], Count]
+"""The gauge cell of a listener's open connections (`Recorder.connections`)."""
 
 _log = logging.getLogger(__name__)
 
@@ -88,6 +96,7 @@ async def start_listener(
     peer_identity: PeerIdentity | None = ...,
     forwarded_for: bool = ...,
     tls: None = ...,
+    connections: Connections | None = ...,
 ) -> asyncio.Server: ...
 
 
@@ -101,6 +110,7 @@ async def start_listener(
     limits: HttpLimits = ...,
     forwarded_for: bool = ...,
     tls: InboundTLS,
+    connections: Connections | None = ...,
 ) -> MeshListener: ...
 
 
@@ -115,6 +125,7 @@ async def start_listener(
     peer_identity: PeerIdentity | None = None,
     forwarded_for: bool = True,
     tls: InboundTLS | None = None,
+    connections: Connections | None = None,
 ) -> asyncio.Server | MeshListener:
     """Listen on `host:port` and answer every request with `dispatch(request)`.
 
@@ -123,27 +134,36 @@ async def start_listener(
     every request on that connection. `ssl` makes it a TLS listener. `tls` (inbound
     only) makes it a mesh listener instead: TLS or plaintext per connection as the
     current mtls mode says, the source proven by the peer's SVID (runtime/tls.py).
-    `forwarded_for` appends the client address to x-forwarded-for. Close the returned
-    server to stop accepting; open connections finish on their own.
+    `forwarded_for` appends the client address to x-forwarded-for. `connections` gives
+    the gauge cells for open connections (`side`'s; a mesh listener's mTLS ones count
+    as "mesh"). Close the returned server to stop accepting; open connections finish
+    on their own.
     """
     loop = asyncio.get_running_loop()
     inbound = side == "inbound"
+    count = connections(side) if connections is not None else None
     if tls is not None:
         if not inbound:
             raise ValueError("mTLS (tls=) is for the inbound listener only")
         plaintext = tls.guard(dispatch)
+        mesh_count = connections("mesh") if connections is not None else None
 
         def mesh_factory(identity: PeerIdentity | None) -> _ServerConnection:
-            chosen = dispatch if identity is not None else plaintext
-            return _ServerConnection(loop, chosen, limits, identity, forwarded_for, True)
+            if identity is not None:
+                return _ServerConnection(loop, dispatch, limits, identity, forwarded_for, True, mesh_count)
+            return _ServerConnection(loop, plaintext, limits, None, forwarded_for, True, count)
 
         return await MeshListener.start(host, port, mesh_factory, tls)
     identity = peer_identity if inbound else None
 
     def factory() -> _ServerConnection:
-        return _ServerConnection(loop, dispatch, limits, identity, forwarded_for, inbound)
+        return _ServerConnection(loop, dispatch, limits, identity, forwarded_for, inbound, count)
 
     return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True, backlog=1024)
+
+
+def _uncount(count: Count) -> None:
+    count.n -= 1
 
 
 def _plain(status: int, message: str) -> Response:
@@ -163,8 +183,11 @@ class _ServerConnection(asyncio.Protocol):
         peer_identity: PeerIdentity | None,
         forwarded_for: bool,
         strip_identity: bool,
+        open_count: Count | None = None,
     ) -> None:
         self._loop = loop
+        self._open_count = open_count  # counted from connection_made until lost (or its tunnel ends)
+        self._counted: Count | None = None
         self._dispatch = dispatch
         self._limits = limits
         self._max_pipelined = limits.max_pipelined
@@ -204,6 +227,10 @@ class _ServerConnection(asyncio.Protocol):
                 self._closed = True
                 self._transport.abort()
                 return
+        counted = self._open_count
+        if counted is not None:
+            counted.n += 1
+            self._counted = counted
         self._reader = RequestReader(
             self,
             self._limits,
@@ -235,6 +262,10 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        counted = self._counted
+        if counted is not None:
+            counted.n -= 1
+            self._counted = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -376,6 +407,9 @@ class _ServerConnection(asyncio.Protocol):
                 self._timer = None
             early, self._early = self._early, b""
             tunnel.attach(self._transport, early)
+            counted, self._counted = self._counted, None
+            if counted is not None:  # the connection stays open as a tunnel: count it until it ends
+                tunnel.on_closed(lambda: _uncount(counted))
             return None
         self._close_after = True  # the bytes after an Upgrade head cannot be parsed as HTTP
         if tunnel is not None:

@@ -16,6 +16,7 @@ other side stops reading until it drains, so a tunnel buffers a bounded amount.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 __all__ = ["Tunnel"]
 
@@ -58,6 +59,10 @@ class Tunnel:
         self._closed = True
         self._upstream.close()
         self._set_lost()
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) once the tunnel is over, or soon if it already is."""
+        self._lost.add_done_callback(lambda _: callback())
 
     async def wait_closed(self) -> None:
         """Wait until the tunnel is over (a side closed; the other is being closed)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import starmesh.runtime.table as table_module
 from starmesh.bundle.canonical import decode_bundle
@@ -16,6 +17,8 @@ from starmesh.bundle.decide import DecisionTable, RequestInfo
 from starmesh.compiler.compile import compile_tree
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.otel_gauges import StateSources, register_state_gauges
+from starmesh.runtime.otel_metrics import ProxyMetrics
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.apply import Applier
 from starmesh.runtime.endpoints import Endpoints
@@ -67,11 +70,12 @@ def bundle_bytes(tmp_path: Path) -> bytes:
 
 
 async def with_admin(applier: Applier, check: Callable[[aiohttp.ClientSession, str], Awaitable[None]]) -> None:
+    metrics = ProxyMetrics(MemoryRecorder(), gauges=lambda meter: register_state_gauges(meter, StateSources(applier)))
     info = AdminInfo(
         service="web",
         version="v1",
         listeners={"outbound": "127.0.0.1:1", "inbound": "127.0.0.1:2", "app": "127.0.0.1:3"},
-        metrics=lambda: "# metrics from the recorder\n",
+        metrics=metrics.render,
         not_ready=lambda: "bundle file b.json not applied: it is broken",
     )
     runner, address = await start_admin(applier, info, "127.0.0.1", 0)
@@ -80,6 +84,16 @@ async def with_admin(applier: Applier, check: Callable[[aiohttp.ClientSession, s
             await check(session, f"http://{address}")
     finally:
         await runner.cleanup()
+        metrics.shutdown()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name{labels}` in a Prometheus text (prometheus_client parses it)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
 
 
 def make_applier() -> Applier:
@@ -156,9 +170,9 @@ def test_ready_config_explain_and_metrics_after_an_apply(tmp_path: Path) -> None
         async with session.get(base + "/metrics") as r:
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = await r.text()
-        assert text.startswith("# metrics from the recorder\n")
-        assert "starmesh_config_release_version -1\n" in text
-        assert 'starmesh_config_apply_total{result="ok"} 1\n' in text
+        assert sample(text, "starmesh_config_release_version") == -1
+        assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
+        assert sample(text, "starmesh_config_bundle_info", digest=result.digest or "") == 1
 
     asyncio.run(with_admin(applier, check))
 
@@ -177,6 +191,8 @@ def test_config_reports_the_last_rejected_apply(tmp_path: Path) -> None:
         assert config["last_error"]["origin"] == "file"
         assert config["last_error"]["error"].startswith("bundle rejected: invalid bundle")
         async with session.get(base + "/metrics") as r:
-            assert 'starmesh_config_apply_total{result="rejected"} 1\n' in await r.text()
+            text = await r.text()
+        assert sample(text, "starmesh_config_apply_total", result="rejected", reason="invalid-bundle") == 1
+        assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
 
     asyncio.run(with_admin(applier, check))

@@ -115,7 +115,7 @@ def test_apply_ack_endpoints_and_heartbeats(tmp_path: Path, cp: Any, bundles: An
                 "heartbeats after the apply",
             )
             assert beat[-1] == {"service": "web", "version": "v1", "address": proxy.listeners["inbound"],
-                                "release_version": 1, "bundle": first.digest}
+                                "release_version": 1, "bundle": first.digest, "requests_total": 0}
             assert {who for who, _ in cp.heartbeats} == {block["proxy_id"]}
             assert (state / "proxy-id").read_text().strip() == block["proxy_id"]
 

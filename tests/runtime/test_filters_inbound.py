@@ -191,9 +191,9 @@ def test_inbound_telemetry_labels() -> None:
                                    destination_version="v1", response_code=200, reason="") == 1
     assert recorder.requests_total(source_service="productpage", response_code=403, reason="denied") == 1
     text = recorder.render()
-    assert ('starmesh_requests_total{direction="inbound",source_service="productpage",destination_service="ratings",'
-            'destination_version="v1",response_code="403",reason="denied"} 1') in text
-    assert "starmesh_request_duration_seconds_bucket{" in text and 'le="+Inf"} 1' in text
+    assert ('starmesh_requests_total{destination_service="ratings",destination_version="v1",direction="inbound",'
+            'reason="denied",response_code="403",source_service="productpage"} 1.0') in text
+    assert "starmesh_request_duration_seconds_bucket{" in text and 'le="+Inf",reason="denied",' in text
 
 
 def test_no_authorization_and_no_rate_limit_leave_only_telemetry() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from starmesh.bundle.canonical import decode_bundle, digest_of, encode_canonical
@@ -34,11 +35,14 @@ def _install(live: Path, data: bytes) -> None:
     os.replace(temp, live)
 
 
-def _metric(text: str, series: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics:\n{text}")
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` whose labels include `labels` (prometheus_client parses the text)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def test_swapping_bundles_under_load_fails_no_request(mesh: Any, h: Any, tmp_path: Path) -> None:
@@ -99,8 +103,8 @@ def test_swapping_bundles_under_load_fails_no_request(mesh: Any, h: Any, tmp_pat
     assert sum(tables.values()) == len(replies) >= SWAPS
 
     metrics = asyncio.run(_get_text(f"http://{proxy.admin}/metrics"))
-    assert _metric(metrics, 'starmesh_config_apply_total{result="ok"}') == SWAPS + 1
-    assert _metric(metrics, 'starmesh_config_apply_total{result="rejected"}') == 0
+    assert _metric(metrics, "starmesh_config_apply_total", result="ok") == SWAPS + 1
+    assert _metric(metrics, "starmesh_config_apply_total", result="rejected") == 0
 
 
 async def _get_text(url: str) -> str:
@@ -135,7 +139,8 @@ def test_invalid_and_golden_failing_bundles_keep_the_old_table(mesh: Any, h: Any
     assert proxy.config()["bundle"] == digest_of(good)
 
     def rejections() -> float:
-        return _metric(asyncio.run(_get_text(f"http://{proxy.admin}/metrics")), 'starmesh_config_apply_total{result="rejected"}')
+        return _metric(asyncio.run(_get_text(f"http://{proxy.admin}/metrics")), "starmesh_config_apply_total",
+                       result="rejected")
 
     assert rejections() == 0
     for count, (name, data, says) in enumerate(
