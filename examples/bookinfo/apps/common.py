@@ -10,7 +10,8 @@ Every app is one process next to one sidecar proxy (`starmesh up` starts both):
 The app never learns where other services run: it sends plain HTTP to its sidecar's
 outbound listener and names the service in the `Host` header. Routing, retries, faults
 and authorization are the mesh's business; the app only passes on the headers the rules
-read (`end-user`) and the one that ties a page view together (`x-request-id`).
+read (`end-user`), the one that ties a page view together (`x-request-id`) and the
+W3C trace context (`traceparent`, `tracestate`), so a page view is one trace.
 
     python3 apps/<app>.py --service S --version V --listen 127.0.0.1:PORT --outbound 127.0.0.1:PORT2
 
@@ -34,7 +35,7 @@ from aiohttp import web
 
 __all__ = ["AppArgs", "Downstream", "Reply", "describe_status", "parse_args", "run"]
 
-FORWARDED_HEADERS = ("end-user", "x-request-id")
+FORWARDED_HEADERS = ("end-user", "x-request-id", "traceparent", "tracestate")
 """Request headers an app passes on to the services it calls."""
 MAX_REPLY_BYTES = 256 * 1024
 """The largest answer an app reads from another service."""
@@ -157,7 +158,7 @@ class Downstream:
 
     Register it with `app.cleanup_ctx.append(downstream.session)`; then
     `await downstream.get_json("ratings", "/ratings/0", request)` calls ratings with
-    `Host: ratings`, passing on the incoming request's `end-user` and `x-request-id`.
+    `Host: ratings`, passing on the incoming request's FORWARDED_HEADERS.
     A failure of any kind comes back as a `Reply` with `error` set, never as an exception.
     """
 
