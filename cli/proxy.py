@@ -302,7 +302,7 @@ def proxy_command(
             raise InputError(f"{option} is given {count} times; at most {_MAX_REPEATS}")
     urls = tuple(dict.fromkeys(_control_plane_url(url) for url in control_plane))
     ca_pem = _mesh_identity(ca_cert, join_token, bundle=bundle, urls=urls, service=service)
-    trusted = load_public_keys(trust, where="--trust:")
+    trusted = load_public_keys(trust, where="--trust:") if trust else ()  # no key code in the --bundle form
     _access_log(access_log)
     otlp = _otlp_endpoint(otlp_endpoint)
     make_state_dir(state_dir)

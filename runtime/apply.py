@@ -35,7 +35,7 @@ from starmesh.bundle.errors import BundleError
 from starmesh.bundle.golden import run_request_tests
 from starmesh.runtime.chain import ChainDeps
 from starmesh.runtime.endpoints import EndpointTable, check_endpoints, static_endpoints
-from starmesh.runtime.errors import ConfigRejected
+from starmesh.runtime.errors import ConfigRejected, RejectReason
 from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.lkg import HighWater, LastKnownGood, Origin, save_last_known_good
 from starmesh.runtime.table import RouteTable
@@ -113,7 +113,9 @@ class Applier:
         self.high_water: HighWater | None = None
         """The highest release applied here, ever (seeded from the state dir at start)."""
         self.applies = 0
-        self.rejections = 0
+        """Configs swapped in so far (a no-op apply of the live digest is not one)."""
+        self.rejections: dict[RejectReason, int] = {}
+        """Configs refused so far, by reason (`starmesh_config_apply_total{result="rejected"}`)."""
         self._lock = asyncio.Lock()
 
     async def apply(
@@ -149,11 +151,11 @@ class Applier:
                     envelope,
                 )
             except ConfigRejected as exc:
-                return self._reject(origin, digest, release_version, str(exc))
+                return self._reject(origin, digest, release_version, str(exc), exc.reason)
             except Exception as exc:  # a bug while building must not take the proxy down
                 log.exception("building the route table for %s failed", digest)
-                reason = f"route table could not be built (a proxy bug; details in its log): {type(exc).__name__}: {exc}"
-                return self._reject(origin, digest, release_version, reason)
+                error = f"route table could not be built (a proxy bug; details in its log): {type(exc).__name__}: {exc}"
+                return self._reject(origin, digest, release_version, error, "internal-error")
             if result.changed and origin != "last-known-good":
                 await self._persist()
             return result
@@ -171,7 +173,10 @@ class Applier:
         envelope: bytes | None,
     ) -> ApplyResult:
         if expected_digest is not None and digest != expected_digest:
-            raise ConfigRejected(f"bundle rejected: bundle digest mismatch: expected {expected_digest}, got {digest}")
+            raise ConfigRejected(
+                f"bundle rejected: bundle digest mismatch: expected {expected_digest}, got {digest}",
+                reason="digest-mismatch",
+            )
         applied = self.applied
         if applied is not None and applied.digest == digest:  # already decoded, checked and built
             if endpoints is not None and origin == "file":
@@ -180,14 +185,14 @@ class Applier:
         try:
             bundle = decode_bundle(data)
         except BundleError as exc:
-            raise ConfigRejected(f"bundle rejected: {exc}") from exc
+            raise ConfigRejected(f"bundle rejected: {exc}", reason="invalid-bundle") from exc
         if endpoints is not None and origin == "file":
             check_endpoints(endpoints, bundle.spec, endpoints_source)
         static = static_endpoints(bundle.spec)
         try:
             decisions = DecisionTable.build(bundle.spec)
         except BundleError as exc:
-            raise ConfigRejected(f"bundle rejected by the proxy's validation: {exc}") from exc
+            raise ConfigRejected(f"bundle rejected by the proxy's validation: {exc}", reason="validation") from exc
         # Build against a state transaction: nothing live changes unless this table is swapped in.
         state = self.registry.transaction()
         table = RouteTable.build(bundle, digest, replace(self.deps, state=state), app=self.app, decisions=decisions)
@@ -195,7 +200,9 @@ class Applier:
         if failures:
             shown = "; ".join(f.message for f in failures[:5])
             more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-            raise ConfigRejected(f"golden requests failed against the new route table: {shown}{more}")
+            raise ConfigRejected(
+                f"golden requests failed against the new route table: {shown}{more}", reason="golden-requests"
+            )
         # The swap: no await from here to the return, so no request sees half of it.
         state.commit()
         self.deps.endpoints.set_static(static)
@@ -264,14 +271,23 @@ class Applier:
             self.registry.retain(self.current.decisions.services.keys(), in_use)
 
     def reject(
-        self, origin: Origin, error: str, *, digest: str | None = None, release_version: int | None = None
+        self,
+        origin: Origin,
+        error: str,
+        *,
+        reason: RejectReason,
+        digest: str | None = None,
+        release_version: int | None = None,
     ) -> ApplyResult:
-        """Record a config refused before it reached `apply` (an unreadable file, a bad endpoint table)."""
-        return self._reject(origin, digest, release_version, error)
+        """Record a config refused before it reached `apply` (an unreadable file, a bad endpoint
+        table, a release that does not verify); `reason` is the word it is counted under."""
+        return self._reject(origin, digest, release_version, error, reason)
 
-    def _reject(self, origin: Origin, digest: str | None, release_version: int | None, error: str) -> ApplyResult:
+    def _reject(
+        self, origin: Origin, digest: str | None, release_version: int | None, error: str, reason: RejectReason
+    ) -> ApplyResult:
         self.last_error = RejectedApply(rfc3339_now(), origin, digest, release_version, error)
-        self.rejections += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
         keeping = self.applied.digest if self.applied else "no config"
         log.error("config from %s not applied (%s): %s; keeping %s", origin, digest or "unread", error, keeping)
         return ApplyResult(False, release_version, digest, error)

@@ -7,6 +7,7 @@ unconfigured concern costs nothing per request. Outermost first:
     outbound  telemetry → split → fault → request headers → mirror → timeout → retry
               → circuit breaker → load balancer (+ outlier detection) → upstream
     inbound   telemetry → authorization → rate limit → upstream (the local app)
+    answered  telemetry → the proxy's own answer (no route, not ready: `build_answering`)
 
 On a route with retries the retry filter also runs the timeout's deadline and holds
 the breaker's slot around each try (same order and behaviour, two coroutine layers
@@ -34,10 +35,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from starmesh.bundle.errors import IdentityError
-from starmesh.bundle.identity import spiffe_id
 from starmesh.bundle.routes import PreparedRule, PreparedService
 from starmesh.bundle.spec import MeshConfig, MtlsMode
 from starmesh.runtime.filters.authorization import authorization_filter
@@ -62,7 +62,16 @@ from starmesh.runtime.telemetry import Recorder
 from starmesh.runtime.tracing import Tracer
 from starmesh.runtime.tls import MeshTLS
 
-__all__ = ["ChainDeps", "EndpointSource", "OutboundMTLS", "Pool", "ProxyPool", "build_inbound", "build_outbound"]
+__all__ = [
+    "ChainDeps",
+    "EndpointSource",
+    "OutboundMTLS",
+    "Pool",
+    "ProxyPool",
+    "build_answering",
+    "build_inbound",
+    "build_outbound",
+]
 
 
 class ProxyPool(Pool, Protocol):
@@ -112,6 +121,8 @@ class OutboundMTLS:
         """`pool` itself under `disable`; else a pool originating TLS that expects `service`'s SVID."""
         if mode == "disable":
             return self.pool
+        from starmesh.bundle.identity import spiffe_id  # X.509 code only with a workload identity
+
         expected = spiffe_id(trust_domain, service)
         mesh = self.mesh
 
@@ -153,9 +164,8 @@ class ChainDeps:
     `mtls` originates mTLS (None: no workload identity, plaintext); `trust_domain` is
     the applied bundle's (RouteTable.build sets it), the one peers' SVIDs must name.
     `tracer` and `access_log` trace and log every request (None: neither, the telemetry
-    filter only counts); `mesh` is the applied bundle's mesh settings they follow
-    (sample_percent, access_log), and while a table is built without it, `live_mesh()`
-    gives the live table's at each chain's first request."""
+    filter only counts); `mesh` is the bundle's mesh settings they follow (sample_percent,
+    access_log): RouteTable.build sets it to the bundle the table is built from."""
 
     pool: ProxyPool
     endpoints: Endpoints
@@ -171,7 +181,6 @@ class ChainDeps:
     tracer: Tracer | None = None
     access_log: AccessLog | None = None
     mesh: MeshConfig | None = None
-    live_mesh: Callable[[], MeshConfig | None] | None = None
 
 
 def _route_name(service: str, rule: PreparedRule) -> str:
@@ -231,7 +240,7 @@ def build_outbound(service: PreparedService, rule: PreparedRule, deps: ChainDeps
             source=deps.local_service,
             destination=name,
             version=None,
-            observe=Observe(deps.tracer, deps.access_log, deps.mesh, deps.live_mesh, route=_route_name(name, rule)),
+            observe=Observe(deps.tracer, deps.access_log, deps.mesh, route=_route_name(name, rule)),
         ),
         # Pick the version once per request, before any retry.
         split_filter(rule, deps.rng),
@@ -282,7 +291,6 @@ def build_inbound(service: PreparedService | None, deps: ChainDeps, app: str) ->
                 deps.tracer,
                 deps.access_log,
                 deps.mesh,
-                deps.live_mesh,
                 authorization=service.authorization if service is not None else None,
             ),
         ),
@@ -296,3 +304,26 @@ def build_inbound(service: PreparedService | None, deps: ChainDeps, app: str) ->
     ]
     # Forward to the local app: 503 `upstream-unavailable` / `upstream-reset` when it fails.
     return _assemble(layers, app_handler(deps.pool, app))
+
+
+def build_answering(
+    deps: ChainDeps, direction: Literal["outbound", "inbound"], destination: str, answer: Callable[[Request], Response]
+) -> Handler:
+    """The handler of requests the proxy answers before any chain (404 `no-route`, 503
+    `not-ready`): `answer` makes the response, and the telemetry filter counts, logs and
+    traces it like a chain's request, under `destination` (a declared service, the local
+    one, or "unknown": never a name the request made up, so the label stays bounded)."""
+
+    async def answering(request: Request) -> Response:
+        return answer(request)
+
+    outbound = direction == "outbound"
+    return telemetry_filter(
+        deps.recorder,
+        deps.clock,
+        direction=direction,
+        source=deps.local_service if outbound else None,
+        destination=destination,
+        version="" if outbound else deps.local_version,
+        observe=Observe(deps.tracer, deps.access_log, deps.mesh),
+    )(answering)

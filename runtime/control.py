@@ -47,7 +47,7 @@ from starmesh.runtime.apply import Applier, ApplyResult
 from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlLimits, ControlPlaneSettings, snippet
 from starmesh.runtime.control_endpoints import EndpointsFollower
 from starmesh.runtime.control_report import Reporter
-from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge
+from starmesh.runtime.errors import ControlPlaneError, RejectReason, ResponseTooLarge
 
 __all__ = ["ControlLimits", "ControlPlaneClient", "ControlPlaneSettings"]
 
@@ -135,16 +135,6 @@ class ControlPlaneClient:
             why += f"; the last one was refused: {refused.error}"
         return why
 
-    def metrics(self) -> str:
-        """`starmesh_control_plane_last_contact_seconds`: +Inf before any contact."""
-        age = self.targets.age()
-        value = "+Inf" if age is None else f"{age:.3f}"
-        return (
-            "# HELP starmesh_control_plane_last_contact_seconds Seconds since the control plane last answered.\n"
-            "# TYPE starmesh_control_plane_last_contact_seconds gauge\n"
-            f"starmesh_control_plane_last_contact_seconds {value}\n"
-        )
-
     async def _pause(self, backoff: Backoff) -> None:
         await asyncio.sleep(backoff.next())
 
@@ -165,7 +155,7 @@ class ControlPlaneClient:
                                              deadline=limits.wait_seconds + limits.poll_slack_seconds, what="release")
             except ResponseTooLarge as exc:
                 self.targets.succeeded(url)
-                await self._refuse(None, None, f"release refused: {exc}")
+                await self._refuse(None, None, f"release refused: {exc}", "release-refused")
                 continue
             except ControlPlaneError as exc:
                 self.targets.failed(url, str(exc))
@@ -198,7 +188,9 @@ class ControlPlaneClient:
                 now=now,
             )
         except BundleError as exc:
-            await self._refuse(claimed, None, f"release {claimed or '(unknown version)'} from {url} refused: {exc}")
+            await self._refuse(
+                claimed, None, f"release {claimed or '(unknown version)'} from {url} refused: {exc}", "release-refused"
+            )
             return True
         release = verified.release
         applied = self.applier.applied
@@ -209,13 +201,15 @@ class ControlPlaneClient:
             # on disk was unusable): it may be applied again, if it has not expired.
             if release.expires <= now:
                 await self._refuse(release.version, release.bundle,
-                                   f"release {release.version} from {url} refused: it expired at {release.expires_at}")
+                                   f"release {release.version} from {url} refused: it expired at {release.expires_at}",
+                                   "release-refused")
                 return True
         try:
             data = await self._bundle_for(url, release)
         except ControlPlaneError as exc:
             await self._refuse(release.version, release.bundle,
-                               f"release {release.version}: fetching bundle {release.bundle} failed: {exc}")
+                               f"release {release.version}: fetching bundle {release.bundle} failed: {exc}",
+                               "fetch-failed")
             return True
         result = await self.applier.apply(
             data,
@@ -243,10 +237,11 @@ class ControlPlaneClient:
             raise ControlPlaneError(f"bundle {release.bundle} from {url}: HTTP {answer.status}: {snippet(answer.body)}")
         return answer.body
 
-    async def _refuse(self, version: int | None, bundle: str | None, reason: str) -> None:
-        """A release refused before it reached the applier: record it (/config last_error), NACK it."""
-        self.applier.reject("control-plane", reason, digest=bundle, release_version=version)
-        await self._nack(version, bundle, reason)
+    async def _refuse(self, version: int | None, bundle: str | None, error: str, reason: RejectReason) -> None:
+        """A release refused before it reached the applier: record it (/config last_error, counted
+        under `reason`), NACK it."""
+        self.applier.reject("control-plane", error, reason=reason, digest=bundle, release_version=version)
+        await self._nack(version, bundle, error)
 
     async def _nack(self, version: int | None, bundle: str | None, reason: str) -> None:
         """Report the NACK, then wait before polling again: 1 s doubling to 60 s while the same version is NACKed."""

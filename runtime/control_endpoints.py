@@ -23,7 +23,7 @@ import msgspec
 from starmesh.runtime.apply import Applier
 from starmesh.runtime.control_http import Backoff, Channel, snippet
 from starmesh.runtime.endpoints import parse_endpoints
-from starmesh.runtime.errors import ConfigRejected, ControlPlaneError
+from starmesh.runtime.errors import ConfigRejected, ControlPlaneError, EndpointsError
 
 __all__ = ["EndpointsFollower"]
 
@@ -93,7 +93,7 @@ class EndpointsFollower:
         try:
             decoded = msgspec.json.decode(answer.body, type=_EndpointsAnswer)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ConfigRejected(f'{where}: expected {{"version": N, "endpoints": {{...}}}}: {exc}') from exc
+            raise EndpointsError(f'{where}: expected {{"version": N, "endpoints": {{...}}}}: {exc}') from exc
         table = parse_endpoints(bytes(decoded.endpoints), where)
         self.channel.targets.succeeded(url)
         await self.applier.update_endpoints(table, version=decoded.version)

@@ -36,12 +36,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from starmesh.bundle.keys import PublicKey
 from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge, WorkloadError
+
+if TYPE_CHECKING:  # Ed25519 keys (cryptography) are loaded by the CLI, in the control-plane form
+    from starmesh.bundle.keys import PublicKey
 
 __all__ = [
     "Answer",
@@ -50,6 +52,7 @@ __all__ = [
     "ControlLimits",
     "ControlPlaneSettings",
     "Targets",
+    "WorkloadLimits",
     "new_session",
     "snippet",
 ]
@@ -83,6 +86,22 @@ class ControlLimits:
     """Until the control plane's answer says otherwise."""
     quick_answer_seconds: float = 1.0
     """A long-poll answered faster than this with nothing to do counts as a soft failure (backoff)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadLimits:
+    """Bounds and timings of the workload certificate requests (runtime/workload.py; the
+    defaults are the product's). Here, beside ControlLimits, so that `ProxyConfig` carries
+    both without importing the certificate code."""
+
+    request_seconds: float = 10.0
+    answer_bytes: int = 64 * 1024
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    check_seconds: float = 300.0
+    """The clock is looked at least this often while waiting (it may jump)."""
+    min_renew_seconds: float = 1.0
+    """At least this long between two certificates, whatever lifetime the CA gives."""
 
 
 @dataclass(frozen=True, slots=True)

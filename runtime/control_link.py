@@ -12,7 +12,6 @@ The two have a session each: a certificate request never waits behind a long-pol
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from starmesh.runtime.control import ControlPlaneClient
 from starmesh.runtime.control_http import ControlPlaneSettings
@@ -68,5 +67,4 @@ class ControlLink:
     def certificate_expiry(self) -> float | None:
         """Seconds until the workload certificate expires, negative once past (None: no
         certificate, or no --ca-cert); the metrics' gauge."""
-        current = None if self.workload is None else self.workload.current
-        return None if current is None else (current.not_after - datetime.now(UTC)).total_seconds()
+        return None if self.workload is None else self.workload.expires_in()

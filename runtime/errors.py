@@ -1,7 +1,8 @@
 """The runtime package's exceptions.
 
     ProxyError                  anything the proxy refuses or cannot do; the message says what and why
-     ├── ConfigRejected         a bundle (or endpoint table) that must not be applied: the NACK reason
+     ├── ConfigRejected         a bundle (or endpoint table) that must not be applied: the NACK reason,
+     │                          and `reason`, the word it is counted under (RejectReason)
      │    └── EndpointsError    an endpoint table (`--endpoints FILE`, the control plane) is invalid
      ├── ControlPlaneError      a request to the control plane failed (unreachable, timed out, bad answer)
      │    └── ResponseTooLarge  its answer was over the byte cap for that kind of answer; the read was cut
@@ -17,7 +18,10 @@ are caught and re-raised `from exc`, with where it happened in the message.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 __all__ = [
+    "REJECT_REASONS",
     "ConfigRejected",
     "ControlPlaneError",
     "EndpointsError",
@@ -26,6 +30,7 @@ __all__ = [
     "ListenerError",
     "PeerRefused",
     "ProxyError",
+    "RejectReason",
     "ResponseTooLarge",
     "WorkloadError",
 ]
@@ -35,12 +40,48 @@ class ProxyError(Exception):
     """Root of the runtime's exceptions."""
 
 
+RejectReason = Literal[
+    "unreadable",
+    "invalid-bundle",
+    "digest-mismatch",
+    "validation",
+    "golden-requests",
+    "endpoints",
+    "fetch-failed",
+    "release-refused",
+    "internal-error",
+]
+"""Why a config was refused, as one word: `starmesh_config_apply_total{result="rejected", reason}`.
+
+    unreadable        a --bundle or --endpoints file cannot be read
+    invalid-bundle    not a bundle: JSON, canonical bytes, schema
+    digest-mismatch   the bundle does not hash to the digest its release names
+    validation        the proxy's own validation, or a route chain that cannot be built
+    golden-requests   the bundle's request_test()s fail against the new route table
+    endpoints         an endpoint table: shape, addresses, services the bundle does not declare
+    fetch-failed      the control plane did not hand over the bundle a release names
+    release-refused   the signed release: signature, trusted key, version, expiry, size
+    internal-error    building the route table failed in the proxy itself (a bug; see its log)
+"""
+
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
+"""Every `RejectReason`, in the order above."""
+
+
 class ConfigRejected(ProxyError):
-    """A config that must not be applied; `str(exc)` is the reason reported (NACK, /config)."""
+    """A config that must not be applied; `str(exc)` is the reason reported (NACK, /config),
+    `reason` the word it is counted under."""
+
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
+        super().__init__(message)
+        self.reason: RejectReason = reason
 
 
 class EndpointsError(ConfigRejected):
     """An endpoint table is invalid (shape, service/version names, `host:port` addresses)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="endpoints")
 
 
 class ControlPlaneError(ProxyError):

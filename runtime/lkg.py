@@ -37,13 +37,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starmesh.bundle.canonical import digest_of
-from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, verify_envelope
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.files import TEMP_PREFIX, write_atomically
-from starmesh.bundle.keys import PublicKey
-from starmesh.bundle.release import Release, decode_release
 from starmesh.runtime.errors import LastKnownGoodError
 from starmesh.runtime.lkg_generation import (
     BUNDLES,
@@ -56,6 +54,10 @@ from starmesh.runtime.lkg_generation import (
     encode_generation,
     read_slot,
 )
+
+if TYPE_CHECKING:  # signatures (cryptography) are checked in the control-plane form only
+    from starmesh.bundle.keys import PublicKey
+    from starmesh.bundle.release import Release
 
 __all__ = [
     "GENERATION_FILES",
@@ -161,6 +163,9 @@ def verify_stored(lkg: LastKnownGood, trusted: Sequence[PublicKey]) -> Release:
             f"{where} has no signed release (it came from a --bundle file); "
             "the control-plane form applies only signed releases"
         )
+    from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, verify_envelope
+    from starmesh.bundle.release import decode_release
+
     try:
         release = decode_release(verify_envelope(lkg.envelope, trusted, payload_type=RELEASE_PAYLOAD_TYPE))
         check_release(release, lkg.digest, lkg.release_version)

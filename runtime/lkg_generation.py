@@ -22,16 +22,17 @@ import base64
 import binascii
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from starmesh.bundle.canonical import digest_of, is_digest
-from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, Envelope
 from starmesh.bundle.errors import BundleError
-from starmesh.bundle.release import Release, decode_release
 from starmesh.runtime.endpoints import EndpointTable, parse_endpoints
 from starmesh.runtime.errors import EndpointsError, LastKnownGoodError
+
+if TYPE_CHECKING:  # releases (and their signing code, cryptography) only where a generation has one
+    from starmesh.bundle.release import Release
 
 __all__ = [
     "BUNDLES",
@@ -218,6 +219,9 @@ def _load_generation(state_dir: Path, path: Path, meta: Generation) -> LastKnown
 
 def _unverified_release(envelope: bytes) -> Release:
     """The release an envelope carries, signature not checked (a well-formedness check of a file)."""
+    from starmesh.bundle.dsse import RELEASE_PAYLOAD_TYPE, Envelope
+    from starmesh.bundle.release import decode_release
+
     parsed = msgspec.json.decode(envelope, type=Envelope)
     if parsed.payload_type != RELEASE_PAYLOAD_TYPE:
         raise BundleError(f"payloadType is {parsed.payload_type!r}, expected {RELEASE_PAYLOAD_TYPE!r}")

@@ -15,15 +15,12 @@
 Nothing here runs per request: the callbacks read the live objects (the applier, the
 inbound TLS counts, the control link) when /metrics is scraped or an OTLP export runs.
 
-A rejected apply's reason is a word from its error (`rejection_reason`): the applier
-counts rejections and keeps the last one, so rejections are tallied at each collection
-and attributed to the last error's reason (exact while collections are more frequent
-than rejections; the total always is).
+A rejected apply is counted by the applier where it is refused, under the reason word
+the refusal carries (`RejectReason`, runtime/errors.py): the counts here are exact.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,28 +33,7 @@ if TYPE_CHECKING:
     from starmesh.runtime.control_link import ControlLink
     from starmesh.runtime.tls import InboundTLS
 
-__all__ = ["REJECTION_REASONS", "StateSources", "register_state_gauges", "rejection_reason"]
-
-REJECTION_REASONS: tuple[tuple[str, str], ...] = (
-    ("cannot read ", "unreadable"),
-    ("digest mismatch", "digest-mismatch"),
-    ("fetching bundle", "fetch-failed"),
-    ("golden requests failed", "golden-requests"),
-    ("proxy's validation", "validation"),
-    ("route table", "validation"),
-    ("bundle rejected", "invalid-bundle"),
-    ("refused", "release-refused"),
-    ("endpoint", "endpoints"),
-)
-"""(text in the error, reason), first match wins; anything else is `other`."""
-
-
-def rejection_reason(error: str) -> str:
-    """The bounded reason word for a rejected apply's error message."""
-    for text, reason in REJECTION_REASONS:
-        if text in error:
-            return reason
-    return "other"
+__all__ = ["StateSources", "register_state_gauges"]
 
 
 class Drops(Protocol):
@@ -80,26 +56,6 @@ class StateSources:
     spans_dropped: Callable[[], int] | None = None
 
 
-class _Rejections:
-    """Rejections by reason, tallied from the applier's count and its last error."""
-
-    def __init__(self, applier: Applier) -> None:
-        self._applier = applier
-        self._seen = 0
-        self._by_reason: dict[str, int] = {}
-        self._lock = threading.Lock()  # an OTLP export collects on the SDK's thread
-
-    def by_reason(self) -> dict[str, int]:
-        with self._lock:
-            total = self._applier.rejections
-            if total > self._seen:
-                last = self._applier.last_error
-                reason = "other" if last is None else rejection_reason(last.error)
-                self._by_reason[reason] = self._by_reason.get(reason, 0) + total - self._seen
-                self._seen = total
-            return dict(self._by_reason)
-
-
 def _releases_behind(applier: Applier) -> int:
     """Releases newer than the live one that the proxy knows of: the high-water mark (after a
     start from an older generation) or a refused release from the control plane."""
@@ -120,7 +76,6 @@ Callback = Callable[[CallbackOptions], Iterable[Observation]]
 def register_state_gauges(meter: Meter, sources: StateSources) -> None:
     """Create the observable instruments above on `meter`, reading `sources`."""
     applier = sources.applier
-    rejections = _Rejections(applier)
     link = sources.link
     tls = sources.inbound_tls
 
@@ -135,8 +90,8 @@ def register_state_gauges(meter: Meter, sources: StateSources) -> None:
 
     def applies(_: CallbackOptions) -> Iterable[Observation]:
         ok = [Observation(applier.applies, {"result": "ok", "reason": ""})]
-        by_reason = rejections.by_reason()
-        return ok + [Observation(n, {"result": "rejected", "reason": r}) for r, n in sorted(by_reason.items())]
+        by_reason = sorted(dict(applier.rejections).items())  # one C-level copy: an OTLP export runs on its thread
+        return ok + [Observation(n, {"result": "rejected", "reason": r}) for r, n in by_reason]
 
     def last_apply(_: CallbackOptions) -> Iterable[Observation]:
         applied = applier.applied

@@ -43,17 +43,15 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TextIO
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from aiohttp import web
 
 from starmesh.runtime.access_log import open_access_log
 from starmesh.runtime.admin import AdminInfo, start_admin
 from starmesh.runtime.apply import Applier, ApplyResult
-from starmesh.runtime.chain import ChainDeps, OutboundMTLS
-from starmesh.runtime.control import ControlPlaneClient
-from starmesh.runtime.control_link import ControlLink
+from starmesh.runtime.chain import ChainDeps, OutboundMTLS, build_answering
 from starmesh.runtime.endpoints import Endpoints, parse_address
 from starmesh.runtime.errors import IdentityError, ListenerError, WorkloadError
 from starmesh.runtime.http.client import UpstreamPool
@@ -64,9 +62,15 @@ from starmesh.runtime.startup import workload_identity
 from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.otel_gauges import StateSources, register_state_gauges
 from starmesh.runtime.otel_metrics import ProxyMetrics
+from starmesh.runtime.table import UNKNOWN_SERVICE
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.tls import InboundPolicy, InboundTLS, MeshListener, MeshTLS
 from starmesh.runtime.tracing import Tracer
+
+if TYPE_CHECKING:  # the control-plane form's parts, imported when it starts them (release signatures,
+    # certificates: cryptography, which the --bundle form never loads)
+    from starmesh.runtime.control import ControlPlaneClient
+    from starmesh.runtime.control_link import ControlLink
 
 __all__ = [
     "CONTROL_PLANE_PLAINTEXT_NOTICE",
@@ -84,13 +88,6 @@ CONTROL_PLANE_PLAINTEXT_NOTICE = (
 MESH_IDENTITY_NOTICE = "starmesh proxy: mesh identity {identity} (a workload certificate from the mesh CA, --ca-cert)"
 
 log = logging.getLogger("starmesh.proxy")
-
-
-def _not_ready_answer(why: Callable[[], str]) -> Callable[[], Awaitable[Response]]:
-    async def answer() -> Response:
-        return proxy_response(503, "not-ready", why())
-
-    return answer
 
 
 class Proxy:
@@ -128,7 +125,6 @@ class Proxy:
             mtls=None if mesh is None else OutboundMTLS(self.pool, mesh, self.endpoints),
             tracer=self.tracer,
             access_log=self.access_log,
-            live_mesh=lambda: None if self.applier.current is None else self.applier.current.bundle.spec.mesh,
         )
         self.applier = Applier(self.deps, app=config.app, state_dir=config.state_dir)
         self.inbound_tls = (
@@ -138,7 +134,13 @@ class Proxy:
         # The proxy's state as metrics, read when they are collected (otel_gauges.py).
         register_state_gauges(
             self.metrics.meter,
-            StateSources(self.applier, self.inbound_tls, lambda: self.link, access_log=self.access_log),
+            StateSources(
+                self.applier,
+                self.inbound_tls,
+                lambda: self.link,
+                access_log=self.access_log,
+                spans_dropped=(lambda: self.tracer.dropped) if self.tracer.exporting else None,
+            ),
         )
         self.listeners: dict[str, str] = {"app": config.app}
         self._servers: list[asyncio.Server | MeshListener] = []
@@ -157,20 +159,29 @@ class Proxy:
         return reason if self.link is None else f"{reason}; {self.link.waiting_for()}"
 
     def dispatchers(self) -> tuple[Handler, Handler]:
-        """The outbound and inbound dispatch: take the current table once, hand it the request."""
+        """The outbound and inbound dispatch: take the current table once, hand it the request.
+
+        Before any config, 503 `not-ready`, counted and logged like any request (under the
+        mesh defaults): outbound to "unknown" (no service is declared yet), inbound to the
+        local service."""
         applier = self.applier
-        not_ready = _not_ready_answer(self.not_ready_reason)
+
+        def not_ready(request: Request) -> Response:
+            return proxy_response(503, "not-ready", self.not_ready_reason())
+
+        unready_outbound = build_answering(self.deps, "outbound", UNKNOWN_SERVICE, not_ready)
+        unready_inbound = build_answering(self.deps, "inbound", self.config.service, not_ready)
 
         def outbound(request: Request) -> Awaitable[Response]:
             table = applier.current
             if table is None:
-                return not_ready()
+                return unready_outbound(request)
             return table.outbound(request)
 
         def inbound(request: Request) -> Awaitable[Response]:
             table = applier.current
             if table is None:
-                return not_ready()
+                return unready_inbound(request)
             return table.inbound(request)
 
         return outbound, inbound
@@ -245,6 +256,9 @@ class Proxy:
         except OSError as exc:
             raise ListenerError(f"--admin {self.config.admin}: cannot listen: {exc.strerror or exc}") from exc
         if settings is not None:
+            from starmesh.runtime.control import ControlPlaneClient
+            from starmesh.runtime.control_link import ControlLink
+
             self.client = ControlPlaneClient(
                 settings, self.applier, address=lambda: self.listeners["inbound"], on_applied=self._applied,
                 requests_total=self.recorder.requests_total,

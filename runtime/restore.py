@@ -15,11 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from starmesh.bundle.keys import PublicKey
 from starmesh.runtime.apply import Applier
 from starmesh.runtime.errors import LastKnownGoodError
 from starmesh.runtime.lkg import StoredState, verify_stored
+
+if TYPE_CHECKING:
+    from starmesh.bundle.keys import PublicKey
 
 __all__ = ["restore_last_known_good"]
 

@@ -11,6 +11,10 @@
 `start_config` is the start-up apply of either form; it returns None when a config is
 live, else why not (the proxy then runs not ready and says so). The `--bundle` form
 applies the files again on SIGHUP (`reload_files`); a bad file changes nothing.
+
+The `--bundle` form never imports the certificate, key and signature code (cryptography,
+several megabytes of an idle proxy's memory): what only the control-plane or `--ca-cert`
+form needs is imported where it is used.
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from starmesh.bundle.keys import PublicKey
 from starmesh.runtime.apply import Applier, ApplyResult
-from starmesh.runtime.control_http import ControlLimits, ControlPlaneSettings
+from starmesh.runtime.control_http import ControlLimits, ControlPlaneSettings, WorkloadLimits
 from starmesh.runtime.endpoints import EndpointTable, parse_endpoints
 from starmesh.runtime.errors import ConfigRejected
 from starmesh.runtime.http.limits import HttpLimits
 from starmesh.runtime.identity import load_or_create_proxy_id
 from starmesh.runtime.lkg import load_state
 from starmesh.runtime.restore import restore_last_known_good
-from starmesh.runtime.workload import WorkloadIdentity, WorkloadLimits
+
+if TYPE_CHECKING:  # keys and certificates (cryptography) are the control-plane form's
+    from starmesh.bundle.keys import PublicKey
+    from starmesh.runtime.workload import WorkloadIdentity
 
 __all__ = [
     "ProxyConfig",
@@ -83,13 +90,17 @@ def _read_files(config: ProxyConfig) -> tuple[bytes, EndpointTable | None]:
     try:
         data = config.bundle.read_bytes()
     except OSError as exc:
-        raise ConfigRejected(f"cannot read bundle file {config.bundle}: {exc.strerror or exc}") from exc
+        raise ConfigRejected(
+            f"cannot read bundle file {config.bundle}: {exc.strerror or exc}", reason="unreadable"
+        ) from exc
     if config.endpoints is None:
         return data, None
     try:
         raw = config.endpoints.read_bytes()
     except OSError as exc:
-        raise ConfigRejected(f"cannot read endpoints file {config.endpoints}: {exc.strerror or exc}") from exc
+        raise ConfigRejected(
+            f"cannot read endpoints file {config.endpoints}: {exc.strerror or exc}", reason="unreadable"
+        ) from exc
     return data, parse_endpoints(raw, str(config.endpoints))
 
 
@@ -98,7 +109,7 @@ async def apply_files(applier: Applier, config: ProxyConfig) -> ApplyResult:
     try:
         data, endpoints = _read_files(config)
     except ConfigRejected as exc:
-        return applier.reject("file", str(exc))
+        return applier.reject("file", str(exc), reason=exc.reason)
     return await applier.apply(
         data,
         expected_digest=None,
@@ -154,6 +165,8 @@ def workload_identity(
     WorkloadError when `--ca-cert` holds no certificate."""
     if config.ca_cert is None or config.bundle is not None:
         return None
+    from starmesh.runtime.workload import WorkloadIdentity  # X.509 and EC keys: only with --ca-cert
+
     return WorkloadIdentity(
         service=config.service,
         state_dir=config.state_dir,

@@ -10,6 +10,11 @@ reference once and uses only it, so an apply never shows it half of two configs.
     response = await table.outbound(request)   # route match, then the rule's chain
     response = await table.inbound(request)    # authorization, rate limit, the local app
 
+A request no rule takes is answered 404 `no-route` through telemetry of its own
+(`build_answering`: counted, logged, traced like a routed one) under the service it
+asked for when the bundle declares it, else "unknown"; that handler is made at the
+first such request for each destination, so routing pays nothing for it.
+
 State that outlives a table (connection pools, breakers, outlier ejections, rate
 buckets, the endpoint table) lives in `deps`, outside it.
 
@@ -20,7 +25,7 @@ it for each new connection (runtime/tls.py).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -28,12 +33,12 @@ from starmesh.bundle.canonical import Bundle
 from starmesh.bundle.decide import DecisionTable
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.gcpause import paused_gc
-from starmesh.runtime.chain import ChainDeps, build_inbound, build_outbound
+from starmesh.runtime.chain import ChainDeps, build_answering, build_inbound, build_outbound
 from starmesh.runtime.errors import ConfigRejected
 from starmesh.runtime.message import Handler, Headers, Request, Response, proxy_response
 from starmesh.runtime.tls import InboundPolicy
 
-__all__ = ["RouteTable", "routing_headers"]
+__all__ = ["UNKNOWN_SERVICE", "RouteTable", "routing_headers"]
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
@@ -53,14 +58,53 @@ def routing_headers(headers: Headers, names: frozenset[str] | None = None) -> di
     return out
 
 
+UNKNOWN_SERVICE = "unknown"
+"""`destination_service` of a request for a service the bundle does not declare."""
+
+
+def _no_route(services: Mapping[str, object]) -> Callable[[Request], Response]:
+    """The 404 `no-route` answer: the service is not declared, or none of its rules matches."""
+
+    def answer(request: Request) -> Response:
+        service = request.service
+        if service not in services:
+            return proxy_response(404, "no-route", f"unknown service {service!r} (the bundle does not declare it)")
+        why = f"no rule of {service}'s http_route matches {request.method} {request.path}"
+        return proxy_response(404, "no-route", why)
+
+    return answer
+
+
 async def _answer(response: Response) -> Response:
     return response
+
+
+class _Unrouted:
+    """Requests no rule takes: one answering handler per destination, made at its first request."""
+
+    __slots__ = ("_deps", "_answer", "_handlers")
+
+    def __init__(self, deps: ChainDeps | None, services: Mapping[str, object]) -> None:
+        self._deps = deps
+        self._answer = _no_route(services)
+        self._handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+
+    def __call__(self, destination: str, request: Request) -> Awaitable[Response]:
+        handler = self._handlers.get(destination)
+        if handler is None:
+            if self._deps is None:  # a table built without the proxy's parts (tests): the answer alone
+                return _answer(self._answer(request))
+            handler = self._handlers[destination] = build_answering(self._deps, "outbound", destination, self._answer)
+        return handler(request)
 
 
 class RouteTable:
     """An applied bundle's decision table and prebuilt handler chains. Build with `build`."""
 
-    __slots__ = ("bundle", "digest", "decisions", "inbound_policy", "_route", "_handlers", "_inbound", "_reads_headers")
+    __slots__ = (
+        "bundle", "digest", "decisions", "inbound_policy", "_route", "_handlers", "_inbound", "_reads_headers",
+        "_unrouted",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -70,6 +114,7 @@ class RouteTable:
         handlers: dict[int, Handler],
         inbound: Handler,
         inbound_policy: InboundPolicy,
+        deps: ChainDeps | None = None,
     ) -> None:
         self.bundle = bundle
         self.digest = digest
@@ -78,6 +123,7 @@ class RouteTable:
         self._route = decisions.route
         self._handlers = handlers
         self._inbound = inbound
+        self._unrouted = _Unrouted(deps, decisions.services)
         # service -> the header names its rules read (only services whose rules read any).
         self._reads_headers: dict[str, frozenset[str]] = {}
         for name, rules in bundle.spec.routes.items():
@@ -94,8 +140,10 @@ class RouteTable:
         `decisions` may be given when the caller has already built the DecisionTable
         (the runtime's own validation step); `app` is the local app's `host:port`."""
         mesh = bundle.spec.mesh
-        if isinstance(deps, ChainDeps) and deps.mtls is not None and deps.trust_domain != mesh.trust_domain:
-            deps = replace(deps, trust_domain=mesh.trust_domain)  # the SVIDs peers must present
+        if isinstance(deps, ChainDeps):
+            # Every chain follows its own bundle's mesh settings (tracing, access_log), and
+            # with mTLS its trust domain (the SVIDs peers must present).
+            deps = replace(deps, mesh=mesh, trust_domain=mesh.trust_domain)
         try:
             with paused_gc():
                 table = decisions if decisions is not None else DecisionTable.build(bundle.spec)
@@ -108,17 +156,19 @@ class RouteTable:
                             # dict lookup by id is the cheapest per-request step.
                             handlers[id(rule)] = build_outbound(service, rule, deps)
                         except (BundleError, ValueError, TypeError, KeyError) as exc:
-                            raise ConfigRejected(f"route table: {where}: {exc}") from exc
+                            raise ConfigRejected(f"route table: {where}: {exc}", reason="validation") from exc
                 local = table.services.get(deps.local_service) if deps.local_service else None
                 try:
                     inbound = build_inbound(local, deps, app)
                 except (BundleError, ValueError, TypeError, KeyError) as exc:
-                    raise ConfigRejected(f"route table: inbound chain for {deps.local_service!r}: {exc}") from exc
+                    raise ConfigRejected(
+                        f"route table: inbound chain for {deps.local_service!r}: {exc}", reason="validation"
+                    ) from exc
         except BundleError as exc:
-            raise ConfigRejected(f"route table: {exc}") from exc
+            raise ConfigRejected(f"route table: {exc}", reason="validation") from exc
         # The local service's effective mode (service(mtls=) else mesh(mtls=)).
         policy = InboundPolicy(local.mtls if local is not None else mesh.mtls, mesh.trust_domain)
-        return cls(bundle, digest, table, handlers, inbound, policy)
+        return cls(bundle, digest, table, handlers, inbound, policy, deps if isinstance(deps, ChainDeps) else None)
 
     def outbound(self, request: Request) -> Awaitable[Response]:
         """Route a calling-side request: 404 `no-route` or the winning rule's chain.
@@ -128,13 +178,11 @@ class RouteTable:
         read = self._reads_headers.get(service)
         headers = _NO_HEADERS if read is None else routing_headers(request.headers, read)
         decision = self._route(service, request.method, request.path, headers, request.query)
-        if decision is None:
-            return _answer(proxy_response(404, "no-route", f"unknown service {service!r} (the bundle does not declare it)"))
+        if decision is None:  # a service the bundle does not declare
+            return self._unrouted(UNKNOWN_SERVICE, request)
         rule = decision.rule
-        if rule is None:
-            return _answer(
-                proxy_response(404, "no-route", f"no rule of {service}'s http_route matches {request.method} {request.path}")
-            )
+        if rule is None:  # none of its rules matches
+            return self._unrouted(service, request)
         return self._handlers[id(rule)](request)
 
     def inbound(self, request: Request) -> Awaitable[Response]:

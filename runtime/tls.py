@@ -36,15 +36,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Protocol
 
 from starmesh.bundle.errors import IdentityError
-from starmesh.bundle.identity import SPIFFE_SCHEME, Usage, check_trust_domain, load_certificates, verify_svid
 from starmesh.bundle.spec import MtlsMode
 from starmesh.runtime.errors import PeerRefused
 from starmesh.runtime.message import Request, Response, proxy_response
+
+if TYPE_CHECKING:  # X.509 (cryptography) is imported when a MeshTLS is used: never in plaintext
+    from cryptography import x509
+
+    from starmesh.bundle.identity import Usage
 
 __all__ = [
     "InboundPolicy",
@@ -95,10 +97,14 @@ class MeshTLS:
     @classmethod
     def from_ca_pem(cls, contexts: WorkloadContexts, ca_pem: bytes) -> MeshTLS:
         """From `--ca-cert`'s bytes, the mesh root(s); IdentityError when they hold no certificate."""
+        from starmesh.bundle.identity import load_certificates
+
         return cls(contexts, tuple(load_certificates(ca_pem)))
 
     def peer_service(self, transport: asyncio.BaseTransport, trust_domain: str, usage: Usage) -> str:
         """The service a TLS peer's SVID names; IdentityError saying which rule failed."""
+        from starmesh.bundle.identity import verify_svid  # once per handshake, not per request
+
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
@@ -107,6 +113,10 @@ class MeshTLS:
 
     def root_trust_domain(self) -> str | None:
         """The trust domain the mesh root names (its `spiffe://<td>` URI SAN), if it names one."""
+        from cryptography import x509
+
+        from starmesh.bundle.identity import SPIFFE_SCHEME, check_trust_domain
+
         for root in self.roots:
             try:
                 sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

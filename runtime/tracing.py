@@ -14,9 +14,10 @@ when an OTLP endpoint is configured, gets one span per hop from the SDK's
 `TracerProvider`: the calling side's proxy a CLIENT span, the receiving side's a
 SERVER span, each created with the incoming traceparent as its explicit parent and
 explicit start and end times, batched by a `BatchSpanProcessor` with a bounded queue
-(spans past it are dropped, not held) and exported over OTLP/HTTP protobuf to
-`ENDPOINT/v1/traces`. The SDK and the exporter (protobuf, requests) are imported only
-then, so a proxy without an endpoint keeps its idle memory.
+(spans past it are dropped and counted, `Tracer.dropped`: runtime/tracing_export.py)
+and exported over OTLP/HTTP protobuf to `ENDPOINT/v1/traces`. The SDK and the exporter
+(protobuf, requests) are imported only then, so a proxy without an endpoint keeps its
+idle memory.
 
     app ─► outbound proxy: CLIENT span (parent: the app's span) ─► inbound proxy: SERVER
            span (parent: that CLIENT span) ─► app ─► outbound proxy: CLIENT span ...
@@ -34,6 +35,8 @@ from starmesh.runtime.message import Headers
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span
+
+    from starmesh.runtime.tracing_export import BoundedSpanProcessor
 
 __all__ = ["TRACEPARENT", "TRACESTATE", "Tracer", "parse_traceparent", "traceparent"]
 
@@ -107,8 +110,8 @@ class Tracer:
     `endpoint` is the OTLP/HTTP base URL (`--otlp-endpoint`); spans go to
     `ENDPOINT/v1/traces`. `exporter` replaces the OTLP exporter (tests: an in-memory
     one). Without either, `exporting` is False and the SDK is never imported.
-    `max_queue_size` bounds the spans waiting for export. `meter_provider` receives the
-    batch processor's own metrics (spans processed and dropped), when given."""
+    `max_queue_size` bounds the spans waiting for export; `dropped` counts the ones
+    refused. `meter_provider` receives the batch processor's own metrics, when given."""
 
     def __init__(
         self,
@@ -131,6 +134,7 @@ class Tracer:
         self._provider: Any = None
         self._tracer: Any = None
         self._sdk: Any = None
+        self._processor: BoundedSpanProcessor | None = None
         if exporter is None and endpoint is not None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -144,23 +148,19 @@ class Tracer:
     ) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        from starmesh.runtime.tracing_export import BoundedSpanProcessor
 
         attributes = {"service.name": self.service}
         if version:
             attributes["service.version"] = version
         # We sample before calling the SDK, so every span it sees is kept (ALWAYS_ON).
         provider = TracerProvider(resource=Resource.create(attributes), sampler=ALWAYS_ON)
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter,
-                max_queue_size=max_queue_size,
-                max_export_batch_size=min(512, max_queue_size),
-                schedule_delay_millis=schedule_delay_ms,
-                meter_provider=meter_provider,
-            )
+        self._processor = BoundedSpanProcessor(
+            exporter, max_queue_size=max_queue_size, schedule_delay_ms=schedule_delay_ms, meter_provider=meter_provider
         )
+        provider.add_span_processor(self._processor)
         self._provider = provider
         self._tracer = provider.get_tracer("starmesh.proxy")
         self._sdk = _Sdk()
@@ -248,6 +248,11 @@ class Tracer:
             span.set_status(self._sdk.ERROR)
         span.set_attributes(attributes)
         span.end(end_time=end_ns)
+
+    @property
+    def dropped(self) -> int:
+        """Sampled spans not exported because the export queue was full (0 when not exporting)."""
+        return 0 if self._processor is None else self._processor.dropped
 
     def flush(self, timeout_ms: int = 10_000) -> bool:
         """Export every span ended so far (blocking); False when not exporting."""

@@ -25,9 +25,9 @@ DESIGN.md's default. The first certificate is needed before any release can be f
 the bundle. The answer is checked against the domain asked for.
 
 Expiry: `valid` ─► `expiring` (less than a quarter of the lifetime left, not renewed) ─►
-`expired`; each change is logged once (a warning, then an error). `metrics()` gives the
-gauge `starmesh_certificate_expiry_seconds`: seconds until the certificate's notAfter,
-negative once past (no sample before the first certificate).
+`expired`; each change is logged once (a warning, then an error). `expires_in()` is the
+gauge `starmesh_certificate_expiry_seconds` (runtime/otel_gauges.py, through the control
+link): seconds until the certificate's notAfter, negative once past, None before the first.
 
 `server_context()` / `client_context()` (the data plane) and `control_plane_context()`
 (the control-plane client's HTTPS) are built once per certificate and replaced whole on
@@ -41,7 +41,6 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from starmesh.bundle.errors import IdentityError
 from starmesh.bundle.identity import load_certificates
 from starmesh.bundle.release import format_time
-from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlPlaneSettings, snippet
+from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlPlaneSettings, WorkloadLimits, snippet
 from starmesh.runtime.errors import ControlPlaneError, WorkloadError
 from starmesh.runtime.workload_cert import (
     Contexts,
@@ -63,27 +62,13 @@ from starmesh.runtime.workload_cert import (
     root_trust_domain,
 )
 from starmesh.runtime.workload_files import load, save
-from starmesh.runtime.workload_expiry import EXPIRY_METRIC, ExpiryWatch
+from starmesh.runtime.workload_expiry import ExpiryWatch
 
-__all__ = ["DEFAULT_TRUST_DOMAIN", "EXPIRY_METRIC", "WorkloadIdentity", "WorkloadLimits"]
+__all__ = ["DEFAULT_TRUST_DOMAIN", "WorkloadIdentity", "WorkloadLimits"]
 
 log = logging.getLogger("starmesh.proxy")
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadLimits:
-    """Bounds and timings of the certificate requests (the defaults are the product's)."""
-
-    request_seconds: float = 10.0
-    answer_bytes: int = 64 * 1024
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-    check_seconds: float = 300.0
-    """The clock is looked at least this often while waiting (it may jump)."""
-    min_renew_seconds: float = 1.0
-    """At least this long between two certificates, whatever lifetime the CA gives."""
 
 
 class _Issued(msgspec.Struct, frozen=True):
@@ -181,9 +166,10 @@ class WorkloadIdentity:
         """Return once there is a certificate."""
         await self._ready.wait()
 
-    def metrics(self) -> str:
-        """`starmesh_certificate_expiry_seconds` (no sample before the first certificate)."""
-        return self._expiry.metric(self.current, self._now())
+    def expires_in(self) -> float | None:
+        """Seconds until the current certificate's notAfter, negative once past (None: none yet)."""
+        current = self.current
+        return None if current is None else (current.not_after - self._now()).total_seconds()
 
     # -- start, run, stop ------------------------------------------------------------------------
 

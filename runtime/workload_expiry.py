@@ -1,12 +1,11 @@
-"""How close the workload certificate is to expiry: the state, its log lines, the gauge.
+"""How close the workload certificate is to expiry: the state and its log lines.
 
     none ─► valid ─► expiring ─► expired          (a new certificate: back to valid)
                      │ less than a quarter of the lifetime left and not renewed yet
 
 Each change of state is logged once (a warning when it starts expiring, an error when it
-has expired, a line when a renewal ends either), never once per retry. `metric` renders
-`starmesh_certificate_expiry_seconds` for the proxy's `/metrics`: seconds until the
-certificate's notAfter, negative once past; no sample before the first certificate.
+has expired, a line when a renewal ends either), never once per retry. The gauge
+`starmesh_certificate_expiry_seconds` is runtime/otel_gauges.py's.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ from typing import Literal
 from starmesh.bundle.release import format_time
 from starmesh.runtime.workload_cert import Credential
 
-__all__ = ["EXPIRY_METRIC", "Expiry", "ExpiryWatch"]
+__all__ = ["Expiry", "ExpiryWatch"]
 
 log = logging.getLogger("starmesh.proxy")
-
-EXPIRY_METRIC = "starmesh_certificate_expiry_seconds"
 
 Expiry = Literal["none", "valid", "expiring", "expired"]
 
@@ -67,14 +64,3 @@ class ExpiryWatch:
                       credential.spiffe_id, expires, since)  # fmt: skip
         elif previous in ("expiring", "expired"):
             log.info("workload certificate %s renewed: valid again until %s", credential.spiffe_id, expires)
-
-    @staticmethod
-    def metric(credential: Credential | None, now: datetime) -> str:
-        """The gauge as Prometheus text."""
-        text = (
-            f"# HELP {EXPIRY_METRIC} Seconds until the workload certificate expires (negative: expired).\n"
-            f"# TYPE {EXPIRY_METRIC} gauge\n"
-        )
-        if credential is None:
-            return text
-        return text + f"{EXPIRY_METRIC} {(credential.not_after - now).total_seconds():.3f}\n"

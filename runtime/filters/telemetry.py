@@ -15,8 +15,8 @@ With an `Observe` (the proxy's tracer and access log), each request also:
 
 Per request, nothing is built that is not needed: no SDK call unless sampled and
 exporting, no log line unless the bucket admits it. The mesh settings (sample_percent,
-access_log) are those of the bundle the chain was built for (`Observe.mesh`); without
-them, they are read once, at the chain's first request, from `Observe.live_mesh`.
+access_log) are those of the bundle the chain was built for (`Observe.mesh`), read once,
+when the chain is built.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ _wall = time.time
 class Observe:
     """Traces and access logs for one chain, built once per route.
 
-    `mesh` is the applied bundle's `mesh(...)` (its tracing and access_log settings);
-    when None, `live_mesh()` gives them at the chain's first request (the live table's).
-    `route` names the matched rule for spans and lines ("route/reviews/0 mesh.star:12");
-    `authorization` (inbound) lets a logged line say `would_deny` under audit mode."""
+    `mesh` is the `mesh(...)` of the bundle the chain is built for (its tracing and
+    access_log settings; None: the defaults). `route` names the matched rule for spans
+    and lines ("route/reviews/0 mesh.star:12"); `authorization` (inbound) lets a logged
+    line say `would_deny` under audit mode."""
 
     tracer: Tracer | None
     access_log: AccessLog | None
     mesh: MeshConfig | None = None
-    live_mesh: Callable[[], MeshConfig | None] | None = None
     route: str = ""
     authorization: PreparedAuthorization | None = None
 
@@ -118,33 +117,6 @@ def _fixed_source(record: RouteRecord, clock: Callable[[], float], version: str 
     return wrap
 
 
-class _Settings:
-    """The mesh's tracing and access-log knobs as one chain uses them (resolved once)."""
-
-    __slots__ = ("ready", "sample_percent", "logging", "rate", "_live")
-
-    def __init__(self, mesh: MeshConfig | None, live: Callable[[], MeshConfig | None] | None) -> None:
-        self._live = live
-        self.ready = False
-        self.sample_percent = 0.0
-        self.logging = False
-        self.rate = 0
-        if mesh is not None or live is None:
-            self._take(mesh)
-
-    def resolve(self) -> _Settings:
-        assert self._live is not None
-        self._take(self._live())
-        return self
-
-    def _take(self, mesh: MeshConfig | None) -> None:
-        mesh = mesh if mesh is not None else MeshConfig(name="")  # the defaults
-        self.sample_percent = float(mesh.tracing.sample_percent)
-        self.logging = mesh.access_log.enabled
-        self.rate = mesh.access_log.max_lines_per_second
-        self.ready = True
-
-
 def _observed(
     recorder: Recorder,
     clock: Callable[[], float],
@@ -158,19 +130,20 @@ def _observed(
     fixed = recorder.bind(direction, source, destination) if source is not None else None
     record = recorder.request
     tracer = observe.tracer
-    access = observe.access_log
-    settings = _Settings(observe.mesh, observe.live_mesh)
+    mesh = observe.mesh if observe.mesh is not None else MeshConfig(name="")  # None: the defaults
+    percent = float(mesh.tracing.sample_percent)
+    rate = mesh.access_log.max_lines_per_second
+    access = observe.access_log if mesh.access_log.enabled else None
     server = direction == "inbound"
     hop = _Hop(direction, source, destination, observe)
 
     def wrap(inner: Handler) -> Handler:
         async def telemetry(request: Request) -> Response:
             start = clock()
-            knobs = settings if settings.ready else settings.resolve()
             trace_id: str | None = None
             span = None
             if tracer is not None:
-                trace_id, span = tracer.propagate(request.headers, knobs.sample_percent, server, request.method)
+                trace_id, span = tracer.propagate(request.headers, percent, server, request.method)
             try:
                 response = await inner(request)
             except BaseException as exc:
@@ -186,7 +159,7 @@ def _observed(
                     assert tracer is not None
                     attributes = hop.attributes(request, None, status, picked)
                     tracer.end_span(span, attributes, type(exc).__name__, _time_ns())
-                if access is not None and knobs.logging and access.admit(start + seconds, knobs.rate):
+                if access is not None and access.admit(start + seconds, rate):
                     access.put(hop.entry(request, None, status, picked, seconds, trace_id))
                 raise
             seconds = clock() - start
@@ -199,7 +172,7 @@ def _observed(
                 assert tracer is not None
                 attributes = hop.attributes(request, response, response.status, picked)
                 tracer.end_span(span, attributes, hop.error(response), _time_ns())
-            if access is not None and knobs.logging and access.admit(start + seconds, knobs.rate):
+            if access is not None and access.admit(start + seconds, rate):
                 access.put(hop.entry(request, response, response.status, picked, seconds, trace_id))
             return response
 

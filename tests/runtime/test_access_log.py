@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from starmesh.bundle.canonical import decode_bundle, digest_of
 from starmesh.bundle.routes import PreparedService, prepare_service
 from starmesh.bundle.spec import AccessLog as AccessLogSpec
 from starmesh.bundle.spec import Allow, Authorization, MeshConfig, Service, Spec
@@ -18,6 +19,7 @@ from starmesh.runtime.chain import ChainDeps, build_inbound, build_outbound
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.message import FixedBody, Headers, Request, Response
 from starmesh.runtime.state import StateRegistry
+from starmesh.runtime.table import RouteTable
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.tracing import Tracer
 
@@ -234,3 +236,43 @@ def test_an_audit_denial_is_logged_as_would_deny(tmp_path: Path) -> None:
     assert denied["source"] == "intruder" and denied["would_deny"] is True and denied["status"] == 200
     assert denied["direction"] == "inbound" and denied["upstream_version"] == "v1"
     assert denied["trace_id"] is None  # no tracer, no traceparent
+
+
+UNROUTED_POLICY = """
+mesh(name = "t", mtls = "disable")
+service(name = "web", versions = ["v1"])
+service(name = "docs", versions = ["v1"])
+http_route("docs", rules = [rule(match = [match(path_prefix = "/docs")])])
+"""
+
+
+def test_requests_no_rule_takes_are_counted_and_logged_under_a_bounded_destination(tmp_path: Path, rt: Any) -> None:
+    log = AccessLog(tmp_path / "access.log")
+    log.start()
+    chain_deps = deps(log, MeshConfig(name="m"))
+    data = rt.compile_policy(tmp_path / "policy", UNROUTED_POLICY)
+    table = RouteTable.build(decode_bundle(data), digest_of(data), chain_deps, app="127.0.0.1:9")
+
+    async def main() -> list[Response]:
+        return [
+            await table.outbound(Request("GET", path, None, [("host", host)], FixedBody(b""), host, host))
+            for host, path in (("made-up-1", "/"), ("made-up-2", "/"), ("docs", "/elsewhere"), ("docs", "/docs/a"))
+        ]
+
+    answers = asyncio.run(main())
+    log.close()
+    assert [(a.status, a.error) for a in answers] == [(404, "no-route")] * 3 + [(503, "no-healthy-upstream")]
+    recorder = chain_deps.recorder
+    assert isinstance(recorder, MemoryRecorder)
+    # Names the bundle does not declare count as "unknown": a made-up Host cannot add series.
+    counted = {key[2]: sum(buckets) for key, _, buckets in recorder.series() if key[5] == "no-route"}
+    assert counted == {"unknown": 2, "docs": 1}
+    assert recorder.requests_total(direction="outbound", source_service="web", response_code=404) == 3
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert [(line["service"], line["authority"], line["status"], line["reason"]) for line in lines] == [
+        ("unknown", "made-up-1", 404, "no-route"),
+        ("unknown", "made-up-2", 404, "no-route"),
+        ("docs", "docs", 404, "no-route"),
+        ("docs", "docs", 503, "no-healthy-upstream"),
+    ]
+    assert lines[0]["route"] is None and lines[0]["upstream"] is None

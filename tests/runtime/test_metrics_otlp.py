@@ -231,6 +231,10 @@ def test_a_proxy_pushes_its_metrics_over_otlp_http(
     assert (resource["service.name"], resource["service.version"]) == ("web", "v1")
     names = {m.name for r in export.resource_metrics for s in r.scope_metrics for m in s.metrics}
     assert {"starmesh_requests_total", "starmesh_request_duration_seconds", "starmesh_config_apply_total"} <= names
+    # Spans are exported too (to the same endpoint): what the export queue refuses is counted.
+    assert "starmesh_trace_spans_dropped_total" in names
+    scraped = proxy.http("admin", "/metrics").body.decode().splitlines()
+    assert "starmesh_trace_spans_dropped_total 0.0" in scraped
 
 
 def test_an_otlp_endpoint_must_be_an_http_url(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from starmesh.bundle.canonical import decode_bundle, digest_of
 from starmesh.bundle.decide import DecisionTable, RequestInfo
@@ -157,7 +158,21 @@ def test_not_ready_without_a_valid_bundle_or_last_known_good(
     assert [(answer.status, answer.error) for answer in (outbound, inbound)] == [(503, "not-ready")] * 2
     config = proxy.config()
     assert config["bundle"] is None and "invalid bundle" in config["last_error"]["error"]
+    # Counted and logged like any request: outbound to "unknown" (nothing is declared yet), inbound to web.
+    metrics = proxy.http("admin", "/metrics").body.decode()
+    counted = {
+        (found.labels["direction"], found.labels["destination_service"]): found.value
+        for family in text_string_to_metric_families(metrics)
+        for found in family.samples
+        if found.name == "starmesh_requests_total" and found.labels["reason"] == "not-ready"
+    }
+    assert counted == {("outbound", "unknown"): 1, ("inbound", "web"): 1}
     assert proxy.stop() == 0
+    lines = [json.loads(line) for line in (tmp_path / "state" / "access.log").read_text().splitlines()]
+    assert [(line["direction"], line["service"], line["status"], line["reason"]) for line in lines] == [
+        ("outbound", "unknown", 503, "not-ready"),
+        ("inbound", "web", 503, "not-ready"),
+    ]
 
 
 def test_golden_failing_bundle_without_last_known_good(
@@ -175,7 +190,13 @@ def test_restart_from_last_known_good(
     first = start_proxy(bundle, endpoints=api["endpoints"])
     assert first.stop() == 0
     state = tmp_path / "state"
-    files = sorted(p.relative_to(state).as_posix() for p in state.rglob("*"))
+
+    def config_files() -> list[str]:
+        """The state dir without the access log (STATE_DIR/access.log by default; it grows with traffic)."""
+        names = (p.relative_to(state).as_posix() for p in state.rglob("*"))
+        return sorted(name for name in names if name not in ("access.log", "access.log.1"))
+
+    files = config_files()
     assert files == ["bundles", f"bundles/{digest_of(api['v2']).replace(':', '-')}.json", "last-known-good.a.json"]
 
     for broken, why in ((b"not json", "bundle is not valid JSON"), (rt.golden_failing(api["v1"]), "golden requests failed")):
@@ -187,7 +208,38 @@ def test_restart_from_last_known_good(
         assert why in config["last_error"]["error"]
         assert call_api(proxy).body == b"api-v2"  # the endpoints came back with it
         assert proxy.stop() == 0
-    assert sorted(p.relative_to(state).as_posix() for p in state.rglob("*")) == files
+    assert config_files() == files  # the refused files changed nothing
+    assert (state / "access.log").is_file()  # the requests above were logged, by default here
+
+
+CONTROL_PLANE_FORM_ONLY = (
+    "cryptography",
+    "starmesh.bundle.dsse",
+    "starmesh.bundle.identity",
+    "starmesh.bundle.keys",
+    "starmesh.bundle.release",
+    "starmesh.runtime.control",
+    "starmesh.runtime.control_link",
+    "starmesh.runtime.workload",
+)
+"""Modules (and their submodules) only the control-plane and --ca-cert forms need."""
+
+
+def test_the_bundle_form_never_imports_the_certificate_key_and_signature_code(
+    tmp_path: Path, api: dict[str, Any], start_proxy: Callable[..., Any], rt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle memory budget: cryptography alone is megabytes of an idle proxy's RSS."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the proxy writes every import it makes to stderr
+    proxy = start_proxy(rt.write(tmp_path / "bundle.json", api["v1"]), endpoints=api["endpoints"])
+    assert call_api(proxy).body == b"api-v1"
+    assert proxy.http("outbound", "/", {"Host": "nope"}).error == "no-route"
+    assert proxy.http("admin", "/metrics").status == 200
+    assert proxy.stop() == 0
+    lines = proxy.log.read_text().splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "starmesh.runtime.proxy" in imported  # the profile is on
+    unexpected = {name for name in imported for only in CONTROL_PLANE_FORM_ONLY if f"{name}.".startswith(f"{only}.")}
+    assert unexpected == set()
 
 
 def test_a_corrupt_last_known_good_is_ignored(

@@ -9,24 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from starmesh.bundle.canonical import decode_bundle, digest_of
 from starmesh.bundle.routes import PreparedService, prepare_service
 from starmesh.bundle.spec import MeshConfig, Rule, Service, SourceLocation, Spec, Tracing
 from starmesh.runtime.chain import ChainDeps, build_inbound, build_outbound
 from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.message import FixedBody, Headers, Request, Response, proxy_response
 from starmesh.runtime.state import StateRegistry
+from starmesh.runtime.table import RouteTable
 from starmesh.runtime.telemetry import MemoryRecorder
 from starmesh.runtime.tracing import Tracer, parse_traceparent, traceparent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
+DEADLINE = 30.0
+"""Seconds to wait for a condition; a bound on waiting, never an assertion about speed."""
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -124,6 +133,37 @@ def test_an_unsampled_request_never_calls_the_sdk() -> None:
     finally:
         tracer.shutdown()
     assert exporter.get_finished_spans() == ()
+
+
+class HeldExporter(InMemorySpanExporter):
+    """An exporter that holds every export until `held` is set (a collector that stalls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.held.wait(DEADLINE)
+        return super().export(spans)
+
+
+def test_spans_past_the_export_queue_are_dropped_and_counted() -> None:
+    exporter = HeldExporter()
+    tracer = Tracer("web", exporter=exporter, max_queue_size=4, schedule_delay_ms=5)
+    try:
+        for _ in range(20):
+            tracer.end_span(tracer.start_span("GET", False, None, None, time.time_ns()), {}, None, time.time_ns())
+        dropped = tracer.dropped
+        exporter.held.set()
+        assert tracer.flush()
+        exported = len(exporter.get_finished_spans())
+    finally:
+        exporter.held.set()
+        tracer.shutdown()
+    # At most a queue's worth waits and one batch is held in the exporter; the rest is refused.
+    assert dropped >= 20 - 2 * 4
+    assert exported + dropped == 20  # every span exported or counted, none lost silently
+    assert Tracer("web").dropped == 0  # not exporting: nothing to drop
 
 
 # -- spans from the chains -------------------------------------------------------------------------
@@ -237,26 +277,36 @@ def test_sampling_percent_comes_from_the_mesh_when_the_caller_did_not_decide() -
     assert span.parent is None
 
 
-def test_the_live_mesh_is_read_when_the_chain_was_built_without_one() -> None:
+SAMPLED_POLICY = """
+mesh(name = "t", mtls = "disable", tracing = tracing(sample_percent = {percent}))
+service(name = "web", versions = ["v1"])
+service(name = "api", versions = ["v1"])
+"""
+
+
+def test_each_tables_chains_sample_per_the_bundle_they_were_built_from(tmp_path: Path, rt: Any) -> None:
     exporter = InMemorySpanExporter()
     tracer = Tracer("web", exporter=exporter)
-    service = prepared()
-    reads: list[int] = []
-
-    def live() -> MeshConfig:
-        reads.append(1)
-        return MeshConfig(name="m", tracing=Tracing(sample_percent=100))
-
     pool = RecordingPool()
+    deps = deps_with(tracer, pool, mesh=None)  # RouteTable.build gives each table its bundle's mesh
+    tables = {}
+    for percent in (0, 100):
+        data = rt.compile_policy(tmp_path / f"p{percent}", SAMPLED_POLICY.format(percent=percent))
+        tables[percent] = RouteTable.build(decode_bundle(data), digest_of(data), deps, app="127.0.0.1:9")
+
+    async def requests() -> None:
+        for percent in (100, 0, 100, 0):  # the old table keeps its settings while the new one is live
+            request = Request("GET", "/", None, [("host", "api")], FixedBody(b""), "api", "api")
+            await tables[percent].outbound(request)
+
     try:
-        handler = build_outbound(service, service.rules[0], deps_with(tracer, pool, mesh=None, live_mesh=live))
-        assert reads == []  # not while building: the table is not live yet
-        for _ in range(3):
-            call(handler, [("host", "api")])
-        assert len(finished(exporter, tracer)) == 3
+        asyncio.run(requests())
+        spans = finished(exporter, tracer)
     finally:
         tracer.shutdown()
-    assert reads == [1]  # once, at the first request
+    assert len(spans) == 2
+    sampled = [parse_traceparent(dict(sent)["traceparent"]) for sent in pool.sent]
+    assert [parent is not None and parent[2] for parent in sampled] == [True, False, True, False]
 
 
 def test_an_inbound_request_gets_a_server_span_with_the_proven_source() -> None:

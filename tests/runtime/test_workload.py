@@ -37,7 +37,7 @@ from starmesh.bundle.identity import verify_svid
 from starmesh.reconciler.ca import MeshCA, init_ca, issue_svid, load_ca, server_certificate
 from starmesh.runtime.control_http import ControlPlaneSettings
 from starmesh.runtime.errors import WorkloadError
-from starmesh.runtime.workload import EXPIRY_METRIC, WorkloadIdentity, WorkloadLimits
+from starmesh.runtime.workload import WorkloadIdentity, WorkloadLimits
 from starmesh.runtime.workload_cert import accept, new_request
 from starmesh.runtime.workload_files import CERT_FILE, KEY_FILE, NEXT_KEY_FILE, load, save
 
@@ -206,8 +206,8 @@ async def until(check: Callable[[], object], what: str) -> Any:
 
 
 def gauge(identity: WorkloadIdentity) -> float | None:
-    lines = [line for line in identity.metrics().splitlines() if line.startswith(EXPIRY_METRIC + " ")]
-    return float(lines[0].split()[1]) if lines else None
+    """`starmesh_certificate_expiry_seconds` as the proxy reads it (ControlLink.certificate_expiry)."""
+    return identity.expires_in()
 
 
 def mode(path: Path) -> int:
@@ -558,7 +558,7 @@ def test_a_restarted_proxy_starts_from_its_certificate_while_the_control_plane_i
     assert f"starmesh proxy: mesh identity spiffe://{TD}/service/web" in "\n".join(proxy.printed)
     with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=10) as response:
         metrics = response.read().decode()
-    value = [line for line in metrics.splitlines() if line.startswith(EXPIRY_METRIC + " ")]
+    value = [line for line in metrics.splitlines() if line.startswith("starmesh_certificate_expiry_seconds ")]
     assert value and float(value[0].split()[1]) > 0, metrics
     assert (state / CERT_FILE).read_bytes() == kept
     assert proxy.process.popen.poll() is None

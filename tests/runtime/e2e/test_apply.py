@@ -138,9 +138,9 @@ def test_invalid_and_golden_failing_bundles_keep_the_old_table(mesh: Any, h: Any
     proxy = mesh.proxy("frontend", live, mesh.endpoints({"reviews": {"v1": [v1.address], "v2": [v2.address]}}))
     assert proxy.config()["bundle"] == digest_of(good)
 
-    def rejections() -> float:
+    def rejections(**reason: str) -> float:
         return _metric(asyncio.run(_get_text(f"http://{proxy.admin}/metrics")), "starmesh_config_apply_total",
-                       result="rejected")
+                       result="rejected", **reason)
 
     assert rejections() == 0
     for count, (name, data, says) in enumerate(
@@ -163,3 +163,4 @@ def test_invalid_and_golden_failing_bundles_keep_the_old_table(mesh: Any, h: Any
         assert [(r.status, r.app) for r in replies] == [(200, "v1")] * 10, name
     assert v1.count("GET /still") == 20
     assert v2.total() == 0
+    assert (rejections(reason="invalid-bundle"), rejections(reason="golden-requests")) == (1, 1)
