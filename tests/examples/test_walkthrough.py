@@ -310,6 +310,17 @@ def first_status(ran: Ran, walk: Walk) -> None:
     rollout_reached(1, "complete")(ran, walk)
     assert re.search(r"^last compile +[0-9a-f]{12} +ok \(1 warning\)$", ran.stdout, re.M)
     assert ran.stdout.count("SM414") == 1 and "SM407" not in ran.stdout
+    header = ["ID", "SERVICE", "VERSION", "RELEASE", "BUNDLE", "STATE", "BEHIND", "REQ/S", "ERROR", "LAST SEEN"]
+    lines = ran.stdout.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith("ID ")), None)
+    assert at is not None and re.split(r"\s{2,}", lines[at].strip()) == header, "no per-proxy table"
+    bundle = walk.notes["bundle 1"][:19]
+    rows = [line.split() for line in lines[at + 2 :] if line.strip()]
+    assert len(rows) == 7, rows
+    for row in rows:
+        # id, service, version, release 1, its bundle, synced, 0 behind, a rate, no error, last seen
+        assert row[3:7] == ["1", bundle, "synced", "0"] and row[8] == "-", row
+        assert re.fullmatch(r"\d+(\.\d+)?", row[7]), f"REQ/S {row[7]!r}"
 
 
 def proxy_config(ran: Ran, walk: Walk) -> None:
@@ -321,8 +332,8 @@ def proxy_config(ran: Ran, walk: Walk) -> None:
 def reviews_metrics(ran: Ran, walk: Walk) -> None:
     assert ran.returncode == 0, "expected exit 0"
     line = re.compile(
-        r'starmesh_requests_total\{direction="outbound",source_service="productpage",'
-        r'destination_service="reviews",destination_version="(v[123])",response_code="200",reason=""\} (\d+)'
+        r'starmesh_requests_total\{destination_service="reviews",destination_version="(v[123])",'
+        r'direction="outbound",reason="",response_code="200",source_service="productpage"\} (\d+)\.0'
     )
     counts: dict[str, int] = {}
     for text in ran.stdout.splitlines():
@@ -353,6 +364,18 @@ def slow_tester(reviews: str | None, error: str | None) -> Check:
     return check
 
 
+def timeout_logged(ran: Ran, walk: Walk) -> None:
+    """The product page's access log has the 504 its sidecar answered for reviews."""
+    assert ran.returncode == 0, "expected exit 0"
+    lines = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert lines, "no line with reason timeout in productpage-v1's access log yet"
+    for line in lines:
+        assert {k: line[k] for k in ("service", "status", "reason")} == {
+            "service": "reviews", "status": 504, "reason": "timeout"
+        }, line  # fmt: skip
+        assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] > 0, line
+
+
 def denied(ran: Ran, walk: Walk) -> None:
     assert ran.returncode == 0, "expected exit 0"
     lines = [line.strip().lower() for line in ran.stdout.splitlines()]
@@ -366,11 +389,11 @@ def plaintext_refused(ran: Ran, walk: Walk) -> None:
 
 def inbound_connections(ran: Ran, walk: Walk) -> None:
     assert ran.returncode == 0, "expected exit 0"
-    mtls = re.search(r'^starmesh_inbound_connections_total\{transport="mtls"\} (\d+)$', ran.stdout, re.M)
-    refused = re.search(r'^starmesh_inbound_connections_refused_total\{reason="plaintext"\} (\d+)$', ran.stdout, re.M)
+    mtls = re.search(r'^starmesh_inbound_connections_total\{transport="mtls"\} (\d+)\.0$', ran.stdout, re.M)
+    refused = re.search(r'^starmesh_inbound_connections_refused_total\{reason="plaintext"\} (\d+)\.0$', ran.stdout, re.M)
     assert mtls is not None and int(mtls.group(1)) > 0, "no mTLS connections counted"
     assert refused is not None and int(refused.group(1)) >= 1, "the plaintext connection was not counted as refused"
-    plaintext = re.search(r'^starmesh_inbound_connections_total\{transport="plaintext"\} (\d+)$', ran.stdout, re.M)
+    plaintext = re.search(r'^starmesh_inbound_connections_total\{transport="plaintext"\} (\d+)\.0$', ran.stdout, re.M)
     assert plaintext is None or int(plaintext.group(1)) == 0, "details (strict) accepted a plaintext connection"
 
 
@@ -450,8 +473,8 @@ STEPS: list[Step] = [
     Step(STATUS, first_status, wait=SHORT_DEADLINE),
     Step("curl -s $PRODUCTPAGE_ADMIN/config | jq '{release_version, bundle, origin}'", proxy_config),
     Step(
-        "curl -s $PRODUCTPAGE_ADMIN/metrics | grep '^starmesh_requests_total{direction=\"outbound\","
-        'source_service="productpage",destination_service="reviews"\'',
+        "curl -s $PRODUCTPAGE_ADMIN/metrics "
+        "| grep '^starmesh_requests_total{destination_service=\"reviews\",.*direction=\"outbound\"'",
         reviews_metrics,
     ),
     Step(
@@ -505,6 +528,12 @@ STEPS: list[Step] = [
     ),
     Step(STATUS, rollout_reached(3, "complete"), wait=ROLLOUT_DEADLINE),
     Step(SLOW, slow_tester(reviews=None, error="504 timeout"), wait=SHORT_DEADLINE),
+    Step(
+        "jq -c 'select(.reason == \"timeout\") | {service, status, reason, duration_ms}' "
+        ".starmesh/proxies/productpage-v1/access.log",
+        timeout_logged,
+        wait=SHORT_DEADLINE,  # the log's writer flushes every 200 ms
+    ),
     # 6. authorization denies, on methods and paths and on the caller mTLS proves
     Step("curl -si -X DELETE $PRODUCTPAGE/productpage | grep -i -e '^HTTP/' -e '^x-starmesh-error'", denied),
     Step("curl -si -H 'Host: details' $REVIEWS_OUTBOUND/details/0 | grep -i -e '^HTTP/' -e '^x-starmesh-error'", denied),
