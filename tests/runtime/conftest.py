@@ -5,7 +5,8 @@ In importlib mode a test module can import neither another test module nor a con
 so the helpers come as fixtures:
 
     rt          helpers: compile_policy(root, text), golden_failing(data), write(path, data),
-                dead_url(), trust_file(directory, key), DEADLINE
+                dead_url(), trust_file(directory, key), sample(text, name, **labels),
+                BackgroundApps (aiohttp apps served from a loop in a thread), DEADLINE
     bundles     bundles.v1, .v2: POLICY routing `api` to v1 (v2), compiled once per session;
                 .golden_failing: v1 with golden requests that do not hold
     planes      planes(**kw) starts a ControlPlaneDouble (tests/runtime/control_plane_double.py);
@@ -29,15 +30,17 @@ import os
 import runpy
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import ssl
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from starmesh.bundle.canonical import decode_bundle, encode_bundle
 from starmesh.bundle.keys import PrivateKey, public_key_pem
@@ -49,6 +52,8 @@ double = SimpleNamespace(**runpy.run_path(str(HERE / "control_plane_double.py"),
 
 DEADLINE = double.DEADLINE
 """Seconds to wait for a condition; a bound on waiting, never an assertion about speed."""
+
+T = TypeVar("T")
 
 
 # -- bundles and files -----------------------------------------------------------------------
@@ -93,12 +98,73 @@ def trust_file(directory: Path, key: PrivateKey) -> Path:
     return path
 
 
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name{labels}` in a Prometheus text (prometheus_client parses
+    it), None when absent."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
+# -- aiohttp apps in a background loop ------------------------------------------------------------
+
+
+class BackgroundApps:
+    """aiohttp apps on 127.0.0.1:0, served from one event loop in a daemon thread, so that a
+    synchronous test (or a child process) can call them while the test blocks.
+
+    `serve(app)` starts one and gives its address (host:port); `run(coroutine)` runs a
+    coroutine on the loop and waits for its result; `close()` cleans every app up, then stops
+    and closes the loop (again: nothing)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runners: list[web.AppRunner] = []
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """`coroutine`'s result, run on the background loop (within DEADLINE)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(DEADLINE)
+
+    def serve(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None, **runner: Any) -> str:
+        """Serve `app` on 127.0.0.1:0 (TLS with `ssl_context`; `runner` goes to its
+        AppRunner); its address, host:port."""
+
+        async def start() -> str:
+            started = web.AppRunner(app, access_log=None, **runner)
+            await started.setup()
+            self._runners.append(started)
+            await web.TCPSite(started, "127.0.0.1", 0, ssl_context=ssl_context).start()
+            host, port = started.addresses[0][:2]
+            return f"{host}:{port}"
+
+        return self.run(start())
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+
+        async def stop() -> None:
+            for started in self._runners:
+                await started.cleanup()
+
+        try:
+            self.run(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(DEADLINE)
+            self.loop.close()
+
+
 @pytest.fixture(scope="session")
 def rt() -> SimpleNamespace:
-    """The helper functions above, as one object (see the module docstring)."""
+    """The helpers above, as one object (see the module docstring)."""
     return SimpleNamespace(
         DEADLINE=DEADLINE, compile_policy=compile_policy, golden_failing=golden_failing, write=write,
-        dead_url=dead_url, trust_file=trust_file,
+        dead_url=dead_url, trust_file=trust_file, sample=sample, BackgroundApps=BackgroundApps,
     )
 
 
@@ -162,10 +228,7 @@ class Upstreams:
     request arrived with (empty when none)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runners: list[web.AppRunner] = []
+        self.apps = BackgroundApps()
 
     def start(self, name: str, *, hold: tuple[threading.Event, threading.Event] | None = None) -> str:
         """Serve `name`; its address. With `hold` = (arrived, release) each request sets
@@ -179,27 +242,12 @@ class Upstreams:
                 await asyncio.get_running_loop().run_in_executor(None, release.wait, DEADLINE)
             return web.Response(text=name, headers={"x-upstream": name, "x-seen-table": request.headers.get("x-table", "")})
 
-        async def serve() -> str:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            self.runners.append(runner)
-            host, port = runner.addresses[0][:2]
-            return f"{host}:{port}"
-
-        return asyncio.run_coroutine_threadsafe(serve(), self.loop).result(DEADLINE)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return self.apps.serve(app)
 
     def close(self) -> None:
-        async def stop() -> None:
-            for runner in self.runners:
-                await runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
+        self.apps.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import starmesh.runtime.table as table_module
 from starmesh.bundle.canonical import decode_bundle
@@ -87,15 +86,6 @@ async def with_admin(applier: Applier, check: Callable[[aiohttp.ClientSession, s
         metrics.shutdown()
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the sample `name{labels}` in a Prometheus text (prometheus_client parses it)."""
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == name and found.labels == labels:
-                return found.value
-    return None
-
-
 def make_applier() -> Applier:
     deps = ChainDeps(
         pool=_Pool(),  # type: ignore[arg-type]
@@ -136,7 +126,7 @@ def test_not_ready_before_a_config(tmp_path: Path) -> None:
     asyncio.run(with_admin(applier, check))
 
 
-def test_ready_config_explain_and_metrics_after_an_apply(tmp_path: Path) -> None:
+def test_ready_config_explain_and_metrics_after_an_apply(tmp_path: Path, rt: Any) -> None:
     applier = make_applier()
     data = bundle_bytes(tmp_path)
 
@@ -170,14 +160,14 @@ def test_ready_config_explain_and_metrics_after_an_apply(tmp_path: Path) -> None
         async with session.get(base + "/metrics") as r:
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = await r.text()
-        assert sample(text, "starmesh_config_release_version") == -1
-        assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
-        assert sample(text, "starmesh_config_bundle_info", digest=result.digest or "") == 1
+        assert rt.sample(text, "starmesh_config_release_version") == -1
+        assert rt.sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
+        assert rt.sample(text, "starmesh_config_bundle_info", digest=result.digest or "") == 1
 
     asyncio.run(with_admin(applier, check))
 
 
-def test_config_reports_the_last_rejected_apply(tmp_path: Path) -> None:
+def test_config_reports_the_last_rejected_apply(tmp_path: Path, rt: Any) -> None:
     applier = make_applier()
     data = bundle_bytes(tmp_path)
 
@@ -192,7 +182,7 @@ def test_config_reports_the_last_rejected_apply(tmp_path: Path) -> None:
         assert config["last_error"]["error"].startswith("bundle rejected: invalid bundle")
         async with session.get(base + "/metrics") as r:
             text = await r.text()
-        assert sample(text, "starmesh_config_apply_total", result="rejected", reason="invalid-bundle") == 1
-        assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
+        assert rt.sample(text, "starmesh_config_apply_total", result="rejected", reason="invalid-bundle") == 1
+        assert rt.sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
 
     asyncio.run(with_admin(applier, check))

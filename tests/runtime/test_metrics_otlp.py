@@ -8,7 +8,6 @@ import gzip
 import random
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,17 +143,12 @@ def test_the_otlp_export_carries_the_same_numbers_as_the_prometheus_text(tmp_pat
 
 
 class Receiver:
-    """An OTLP/HTTP receiver on 127.0.0.1:0 (aiohttp in a thread) keeping every metrics export."""
+    """An OTLP/HTTP receiver on 127.0.0.1:0 (aiohttp on `apps`' background loop) keeping every
+    metrics export."""
 
-    def __init__(self) -> None:
+    def __init__(self, apps: Any) -> None:
         self.exports: list[ExportMetricsServiceRequest] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner: web.AppRunner | None = None
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(DEADLINE)
 
-    async def _start(self) -> str:
         async def metrics(request: web.Request) -> web.Response:
             body = await request.read()
             if request.headers.get("content-encoding") == "gzip":
@@ -170,11 +164,7 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/v1/metrics", metrics)
         app.router.add_post("/{tail:.*}", other)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        self.url = "http://" + apps.serve(app)
 
     def requests_counted(self) -> list[float]:
         """Per export, the sum of starmesh_requests_total over its series."""
@@ -189,21 +179,14 @@ class Receiver:
             totals.append(total)
         return totals
 
-    def close(self) -> None:
-        if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
-
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver()
+def receiver(rt: Any) -> Iterator[Receiver]:
+    apps = rt.BackgroundApps()
     try:
-        yield started
+        yield Receiver(apps)
     finally:
-        started.close()
+        apps.close()
 
 
 def _wait(check: Callable[[], object], what: str) -> None:

@@ -23,24 +23,15 @@ from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.telemetry import MemoryRecorder
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of `name{labels}` in a Prometheus text (prometheus_client parses it), None when absent."""
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == name and found.labels == labels:
-                return found.value
-    return None
-
-
 def test_release_apply_results_releases_behind_and_last_contact(
     tmp_path: Path, planes: Any, proxies: Any, bundles: Any, rt: Any
 ) -> None:
     cp = planes()
     proxy = proxies.start(control_plane=[cp.url], trust=[rt.trust_file(tmp_path, cp.key)])
     before = proxy.http("admin", "/metrics").body.decode()
-    assert sample(before, "starmesh_config_release_version") == -1
-    assert sample(before, "starmesh_config_releases_behind") == 0
-    assert sample(before, "starmesh_config_last_apply_timestamp_seconds") is None  # nothing applied yet
+    assert rt.sample(before, "starmesh_config_release_version") == -1
+    assert rt.sample(before, "starmesh_config_releases_behind") == 0
+    assert rt.sample(before, "starmesh_config_last_apply_timestamp_seconds") is None  # nothing applied yet
 
     first = cp.publish(bundles.v1)
     proxy.next_line(lambda line: line.startswith("applied release 1 "), "release 1 applied")
@@ -48,25 +39,25 @@ def test_release_apply_results_releases_behind_and_last_contact(
     cp.wait_for(lambda: any(r["version"] == 2 and r["error"] for r in cp.reports_of()), "the NACK of release 2")
 
     text = proxy.http("admin", "/metrics").body.decode()
-    assert sample(text, "starmesh_config_release_version") == 1
-    assert sample(text, "starmesh_config_bundle_info", digest=first.digest) == 1
-    assert sample(text, "starmesh_config_bundle_info", digest=second.digest) is None
-    assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
-    assert sample(text, "starmesh_config_apply_total", result="rejected", reason="golden-requests") == 1
-    assert sample(text, "starmesh_config_releases_behind") == 1
-    contact = sample(text, "starmesh_control_plane_last_contact_seconds")
+    assert rt.sample(text, "starmesh_config_release_version") == 1
+    assert rt.sample(text, "starmesh_config_bundle_info", digest=first.digest) == 1
+    assert rt.sample(text, "starmesh_config_bundle_info", digest=second.digest) is None
+    assert rt.sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
+    assert rt.sample(text, "starmesh_config_apply_total", result="rejected", reason="golden-requests") == 1
+    assert rt.sample(text, "starmesh_config_releases_behind") == 1
+    contact = rt.sample(text, "starmesh_control_plane_last_contact_seconds")
     assert contact is not None and 0 <= contact < float("inf")
-    assert sample(text, "starmesh_certificate_expiry_seconds") is None  # no --ca-cert
+    assert rt.sample(text, "starmesh_certificate_expiry_seconds") is None  # no --ca-cert
 
     cp.publish(bundles.v2)
     proxy.next_line(lambda line: line.startswith("applied release 3 "), "release 3 applied")
     text = proxy.http("admin", "/metrics").body.decode()
-    assert sample(text, "starmesh_config_release_version") == 3
-    assert sample(text, "starmesh_config_releases_behind") == 0
-    assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 2
+    assert rt.sample(text, "starmesh_config_release_version") == 3
+    assert rt.sample(text, "starmesh_config_releases_behind") == 0
+    assert rt.sample(text, "starmesh_config_apply_total", result="ok", reason="") == 2
 
 
-def test_rejections_between_two_scrapes_are_each_counted_under_their_own_reason(bundles: Any) -> None:
+def test_rejections_between_two_scrapes_are_each_counted_under_their_own_reason(bundles: Any, rt: Any) -> None:
     deps = ChainDeps(pool=UpstreamPool(), endpoints=Endpoints(), state=StateRegistry(), recorder=MemoryRecorder(),
                      local_service="web")  # fmt: skip
     applier = Applier(deps, app="127.0.0.1:9", state_dir=None)
@@ -106,5 +97,5 @@ def test_rejections_between_two_scrapes_are_each_counted_under_their_own_reason(
     assert rejected == {
         "invalid-bundle": 1, "digest-mismatch": 1, "golden-requests": 2, "endpoints": 1, "unreadable": 1,
     }  # fmt: skip
-    assert sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
+    assert rt.sample(text, "starmesh_config_apply_total", result="ok", reason="") == 1
     assert set(rejected) <= set(REJECT_REASONS)

@@ -1,10 +1,11 @@
 """The proxy's workload identity (runtime/workload.py): its certificate from the control plane.
 
 A real mesh CA (reconciler/ca.py's `init_ca`) and a small HTTPS certificate server
-(`CertServer`, aiohttp on 127.0.0.1:0 in its own thread) that issues with `issue_svid`,
-checks the join token or the caller's client SVID, and answers wrongly on purpose. The
-identity runs in-process (`asyncio.run`); what is process-level (exit codes, a restart
-while the control plane is down, the real control plane) runs `starmesh` processes.
+(`CertServer`, aiohttp on 127.0.0.1:0 in its own `rt.BackgroundApps` thread) that issues
+with `issue_svid`, checks the join token or the caller's client SVID, and answers wrongly
+on purpose. The identity runs in-process (`asyncio.run`); what is process-level (exit
+codes, a restart while the control plane is down, the real control plane) runs `starmesh`
+processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -85,15 +85,14 @@ class CertServer:
     """POST /v1/certificates over HTTPS, issuing with `issue_svid`; `answer` picks what it sends:
     "ok", "other-ca" (signed by another root), "other-service", "other-key", or an HTTP status."""
 
-    def __init__(self, ca: MeshCA, other_ca: MeshCA, *, lifetime: timedelta = timedelta(hours=1)) -> None:
+    def __init__(self, ca: MeshCA, other_ca: MeshCA, apps: Any, *, lifetime: timedelta = timedelta(hours=1)) -> None:
         self.ca, self.other_ca, self.lifetime = ca, other_ca, lifetime
         self.answer: str | int = "ok"
         self.requests: list[Seen] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner: web.AppRunner | None = None
-        self.url = asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(DEADLINE)
+        self.apps = apps  # its own BackgroundApps: closing the server closes them
+        app = web.Application()
+        app.router.add_post("/v1/certificates", self._issue)
+        self.url = "https://" + apps.serve(app, ssl_context=self._context(), shutdown_timeout=0.5)
 
     def _context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -105,14 +104,6 @@ class CertServer:
             path.write_bytes(cert + key)
             context.load_cert_chain(path)
         return context
-
-    async def _serve(self) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/certificates", self._issue)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self._context()).start()
-        return f"https://127.0.0.1:{self.runner.addresses[0][1]}"
 
     def _peer(self, request: web.Request, service: str) -> bool:
         assert request.transport is not None
@@ -145,29 +136,24 @@ class CertServer:
         return web.json_response({"certificate": issued.decode(), "ca": pem(self.ca).decode(), "expires_at": "-"})
 
     def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
+        """Stop answering (again: nothing): the control plane is down from here on."""
+        self.apps.close()
 
 
 @pytest.fixture
-def servers(ca: MeshCA, other_ca: MeshCA) -> Iterator[Callable[..., CertServer]]:
-    started: list[CertServer] = []
+def servers(ca: MeshCA, other_ca: MeshCA, rt: Any) -> Iterator[Callable[..., CertServer]]:
+    started: list[Any] = []
 
     def start(**kw: Any) -> CertServer:
-        server = CertServer(ca, other_ca, **kw)
-        started.append(server)
-        return server
+        apps = rt.BackgroundApps()
+        started.append(apps)
+        return CertServer(ca, other_ca, apps, **kw)
 
     try:
         yield start
     finally:
-        for server in started:
-            server.close()
+        for apps in started:
+            apps.close()
 
 
 # -- running an identity in-process ---------------------------------------------------------------

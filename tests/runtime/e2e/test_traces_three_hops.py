@@ -13,7 +13,6 @@ the child of the one before.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import threading
 import time
@@ -61,28 +60,15 @@ def _value(any_value: Any) -> object:
 
 
 class Stage:
-    """The receiver and the three apps, on one event loop in a background thread."""
+    """The receiver and the three apps, on one event loop in a background thread (`apps`,
+    an `rt.BackgroundApps`)."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runners: list[web.AppRunner] = []
+    def __init__(self, apps: Any) -> None:
+        self.apps = apps
         self.spans: list[Received] = []
         self.lock = threading.Lock()
         self.outbound: dict[str, str] = {}  # app name -> its proxy's outbound address
         self.session: aiohttp.ClientSession | None = None
-
-    def run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(DEADLINE)
-
-    async def _serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"{host}:{port}"
 
     async def _traces(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -117,7 +103,8 @@ class Stage:
         app = web.Application()
         app.router.add_post("/v1/traces", self._traces)
         app.router.add_post("/v1/metrics", metrics)
-        return "http://" + self.run(self._serve(app))
+        address: str = self.apps.serve(app)
+        return "http://" + address
 
     def app(self, name: str, calls: str | None) -> str:
         """An app that calls `calls` through its proxy's outbound listener, forwarding the
@@ -135,28 +122,25 @@ class Stage:
 
         app = web.Application()
         app.router.add_get("/{tail:.*}", handle)
-        return self.run(self._serve(app))
+        address: str = self.apps.serve(app)
+        return address
 
     def received(self) -> list[Received]:
         with self.lock:
             return list(self.spans)
 
     def close(self) -> None:
-        async def stop() -> None:
+        """Close the apps' client session, then the apps and their loop."""
+        try:
             if self.session is not None:
-                await self.session.close()
-            for runner in self.runners:
-                await runner.cleanup()
-
-        self.run(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
+                self.apps.run(self.session.close())
+        finally:
+            self.apps.close()
 
 
 @pytest.fixture
-def stage() -> Iterator[Stage]:
-    started = Stage()
+def stage(rt: Any) -> Iterator[Stage]:
+    started = Stage(rt.BackgroundApps())
     try:
         yield started
     finally:
