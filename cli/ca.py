@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
+from starmesh.cli.errors import InputError
 
 __all__ = ["ca_group", "ca_init_command"]
 

@@ -1,8 +1,9 @@
 """`starmesh compile`: policy tree -> canonical bundle bytes and their digest.
 
 Also home of what `lint` and `compile` share: reading the tree given on the command line
-(`load_policy`, which turns a missing root or entry into exit 2 with a one-line message)
-and `InputError`, the command line's "bad usage or input" exception.
+(`load_policy`, which turns a missing root or entry into exit 2 with a one-line message).
+`InputError`, the command line's "bad usage or input" exception, lives in
+starmesh.cli.errors (so raising it loads no compiler) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import click
 
 from starmesh.bundle import files
 from starmesh.cli.console import Consoles
+from starmesh.cli.errors import InputError
 from starmesh.cli.render import PolicyFiles, render_concise, render_full, render_summary
 from starmesh.compiler.compile import CompileResult, compile_tree
 from starmesh.compiler.errors import SourceError
@@ -20,15 +22,6 @@ from starmesh.compiler.errors import SourceError
 __all__ = ["InputError", "compile_command", "load_policy", "policy_files", "write_atomically"]
 
 ENTRY_HELP = "Entry file, relative to the policy root."
-
-
-class InputError(click.ClickException):
-    """Bad input on the command line (missing tree, unreadable file): exit 2, one line on stderr."""
-
-    exit_code = 2
-
-    def show(self, file: object = None) -> None:
-        click.echo(f"starmesh: error: {self.format_message()}", err=True)
 
 
 def load_policy(root: Path, entry: str) -> CompileResult:

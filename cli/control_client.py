@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from starmesh.cli.compile import InputError
+from starmesh.cli.errors import InputError
 
 __all__ = ["MAX_ANSWER_BYTES", "TIMEOUT_SECONDS", "Answer", "call_control_plane", "printable"]
 

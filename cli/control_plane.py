@@ -10,7 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import click
 
-from starmesh.cli.compile import ENTRY_HELP, InputError
+from starmesh.cli.compile import ENTRY_HELP
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import make_state_dir
 
 __all__ = ["control_plane_command", "parse_ttl"]

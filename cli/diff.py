@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from starmesh.cli.compile import ENTRY_HELP, InputError, policy_files
+from starmesh.cli.compile import ENTRY_HELP, policy_files
 from starmesh.cli.console import Consoles
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import ca_cert_option, format_option
 from starmesh.cli.render import PolicyFiles, render_full, render_summary
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from starmesh.bundle.canonical import Bundle, decode_bundle, digest_of, is_digest
 from starmesh.bundle.errors import BundleError
-from starmesh.cli.compile import InputError, load_policy
+from starmesh.cli.compile import load_policy
 from starmesh.cli.control_client import call_control_plane, printable
+from starmesh.cli.errors import InputError
 from starmesh.compiler.compile import CompileResult, compile_commit
 from starmesh.compiler.errors import SourceError
 from starmesh.preview.model import Side

@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.text import Text
 
 from starmesh.bundle.decide import DecisionTable, RequestInfo, UnknownService
-from starmesh.cli.compile import ENTRY_HELP, InputError, load_policy, policy_files
+from starmesh.cli.compile import ENTRY_HELP, load_policy, policy_files
 from starmesh.cli.console import Consoles
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import format_option
 from starmesh.cli.render import PolicyFiles, render_full, render_summary
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from starmesh.cli.compile import InputError
+from starmesh.cli.errors import InputError
 
 if TYPE_CHECKING:
     from starmesh.bundle.keys import PublicKey

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from starmesh.cli.compile import InputError
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import load_public_keys, make_state_dir
 
 __all__ = ["proxy_command"]

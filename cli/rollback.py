@@ -22,9 +22,9 @@ from pathlib import Path
 import click
 import msgspec
 
-from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import call_control_plane, printable
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import ca_cert_option, control_plane_option
 from starmesh.cli.status import short
 

@@ -37,9 +37,9 @@ import msgspec
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import Answer, call_control_plane, printable
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import ca_cert_option, control_plane_option, format_option
 
 if TYPE_CHECKING:

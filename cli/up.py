@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from starmesh.cli.compile import InputError
+from starmesh.cli.errors import InputError
 
 if TYPE_CHECKING:
     import asyncio

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from starmesh.cli.compile import InputError
 from starmesh.cli.console import Consoles
+from starmesh.cli.errors import InputError
 from starmesh.cli.options import format_option, load_public_keys
 
 if TYPE_CHECKING:
