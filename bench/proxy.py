@@ -5,6 +5,7 @@
     .venv/bin/python bench/proxy.py --reps 5 --json out.json
     .venv/bin/python bench/proxy.py --profile stacks.txt   # then py-spy on starmesh's proxy
     .venv/bin/python bench/proxy.py --mtls             # and two-hop plaintext vs mTLS (control-plane form)
+    .venv/bin/python bench/proxy.py --telemetry        # and one hop with telemetry off / default / traced
 
 Targets, all in front of the same upstream app (nginx answering 200 with a small body,
 its own process and config on a loopback port):
@@ -29,6 +30,12 @@ temp dir, POLICY with `app` split 100/0 since one peer, `app` v1, serves it):
   starmesh-2hop-cp    plain HTTP control plane, the policy's mtls = "disable": plaintext links
   starmesh-2hop-mtls  control plane with --ca/--join-token (`starmesh ca init`), the policy's
               mtls = "strict", both proxies with --ca-cert/--join-token: front -> peer is mTLS
+
+With `--telemetry` (issue 7: the cost of traces and access logs), two more one-hop
+targets beside `starmesh`, the same bundle but for its telemetry settings:
+`starmesh-telemetry-off` (no access log, no sampling) and `starmesh-traced` (every
+request a span exported to a local OTLP sink, every request an access-log line); see
+bench/proxy_telemetry.py.
 
 The mTLS target also counts handshakes: the peer inbound's accepted mTLS connections
 (`starmesh_inbound_connections_total{transport="mtls"}` on its /metrics) per run.
@@ -68,12 +75,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _nginx  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import proxy_telemetry as telemetry_bench  # noqa: E402
 from _machine import machine  # noqa: E402
 
 __all__ = ["Target", "WrkResult", "main", "parse_wrk", "run_bench"]
@@ -145,6 +154,11 @@ class Target:
     """An admin /metrics URL whose inbound mTLS connection counter this target's runs read."""
     handshakes_total: int | None = None
     """That counter after the runs: every mTLS connection since start (checks and warm-up too)."""
+    idle_rss_mb: float | None = None
+    """RSS after start and one check request, before the warm-up."""
+    report: Callable[[], dict[str, object]] | None = None
+    """Read after the runs (e.g. the target's own counters); its numbers join the summary row."""
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 # --- processes ---------------------------------------------------------------------
@@ -298,11 +312,11 @@ def _starmesh_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "starmesh.cli"]
 
 
-def compile_bundle(workdir: Path) -> Path:
-    policy = workdir / "policy"
+def compile_bundle(workdir: Path, source: str = POLICY, name: str = "bundle") -> Path:
+    policy = workdir / f"{name}-policy"
     policy.mkdir(exist_ok=True)
-    (policy / "mesh.star").write_text(POLICY)
-    bundle = workdir / "bundle.json"
+    (policy / "mesh.star").write_text(source)
+    bundle = workdir / f"{name}.json"
     out = subprocess.run([*_starmesh_command(), "compile", str(policy), "-o", str(bundle)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise BenchError(f"starmesh compile failed: {(out.stdout + out.stderr).strip()}")
@@ -319,22 +333,24 @@ def source_tree(procs: Processes, ref: str) -> Path:
     procs.worktrees.append(checkout)
     root = procs.workdir / "against"
     (root / "starmesh").mkdir(parents=True)
-    for folder in ("bundle", "compiler", "runtime", "reconciler", "policies", "cli"):
+    for folder in ("bundle", "compiler", "runtime", "reconciler", "preview", "policies", "cli"):
         if (checkout / folder).is_dir():
             (root / "starmesh" / folder).symlink_to(checkout / folder)
     return root
 
 
 def start_starmesh(
-    procs: Processes, name: str, service: str, app: str, bundle: Path, endpoints: dict[str, dict[str, list[str]]], tree: Path | None = None
+    procs: Processes, name: str, service: str, app: str, bundle: Path, endpoints: dict[str, dict[str, list[str]]],
+    tree: Path | None = None, extra: list[str] | None = None,
 ) -> dict[str, str]:
-    """Start one `starmesh proxy --bundle` (from `tree`, see source_tree); returns its listener addresses."""
+    """Start one `starmesh proxy --bundle` (from `tree`, see source_tree; `extra` flags); its listener addresses."""
     state = procs.workdir / name
     state.mkdir(exist_ok=True)
     endpoints_file = state / "endpoints.json"
     endpoints_file.write_text(json.dumps(endpoints))
     command = [sys.executable, "-m", "starmesh.cli"] if tree is not None else _starmesh_command()
     argv = [*command, *_proxy_args(service, app, state), "--bundle", str(bundle), "--endpoints", str(endpoints_file)]
+    argv += extra or []
     proc, log = procs.start(name, argv, env=None if tree is None else {"PYTHONPATH": str(tree)})
     addresses = _listeners(proc, log)
     state_line = wait_for_line(r"^(ready sha256:\S+|not ready: .*)$", proc, log)[1]
@@ -463,6 +479,33 @@ def check(url: str) -> None:
         if error != "not-ready" or time.monotonic() > deadline:
             raise BenchError(f"GET {url} answered {response.status} {error or ''} {body[:120]!r}, not the upstream's 200")
         time.sleep(0.05)
+
+
+def start_telemetry(procs: Processes, targets: list[Target], starmesh: Target, admin: str, app: str) -> None:
+    """--telemetry: an OTLP sink, then proxy_telemetry.VARIANTS' proxies on either side of `starmesh`."""
+    variants = {v.name: Target(v.name) for v in telemetry_bench.VARIANTS}
+    at = targets.index(starmesh)
+    targets[at : at + 1] = [variants[telemetry_bench.OFF], starmesh, variants[telemetry_bench.TRACED]]
+    starmesh.report = telemetry_bench.counters(admin)
+    sink, why = "", ""
+    try:
+        proc, log = procs.start("otlp-sink", telemetry_bench.sink_command())
+        sink = wait_for_line(r"^listening (\S+)$", proc, log)[1]
+    except (BenchError, OSError) as exc:
+        why = f"OTLP sink: {exc}"
+    for variant in telemetry_bench.VARIANTS:
+        target = variants[variant.name]
+        try:
+            if variant.otlp and not sink:
+                raise BenchError(why)
+            bundle = compile_bundle(procs.workdir, telemetry_bench.policy(POLICY, variant), variant.name)
+            args = telemetry_bench.proxy_args(variant, procs.workdir / variant.name, sink)
+            endpoints = {SERVICE: {"v1": [app], "v2": [app]}}
+            found = start_starmesh(procs, variant.name, "client", app, bundle, endpoints, extra=args)
+            target.url, target.pids = f"http://{found['outbound']}/", [int(found["pid"])]
+            target.report = telemetry_bench.counters(found["admin"], sink if variant.otlp else None)
+        except (BenchError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            target.unavailable = str(exc)
 
 
 # --- wrk ---------------------------------------------------------------------------
@@ -595,7 +638,9 @@ def profile(target: Target, connections: int, seconds: int, out: Path) -> str:
 # --- the run -----------------------------------------------------------------------
 
 
-def start_targets(procs: Processes, two_hop: bool, against: str | None = None, mtls: bool = False) -> list[Target]:
+def start_targets(
+    procs: Processes, two_hop: bool, against: str | None = None, mtls: bool = False, telemetry: bool = False
+) -> list[Target]:
     app_port = free_port()
     app_pids = start_nginx(procs, "upstream", _nginx.app_config(procs.workdir / "upstream", app_port), app_port)
     direct = Target("direct", f"http://127.0.0.1:{app_port}/", app_pids)
@@ -638,6 +683,8 @@ def start_targets(procs: Processes, two_hop: bool, against: str | None = None, m
         if hop2:
             hop2.unavailable = "starmesh proxy unavailable"
         return targets
+    if telemetry:
+        start_telemetry(procs, targets, starmesh, one["admin"], app)
     if against is not None:
         other = Target(f"starmesh@{against}")
         targets.insert(targets.index(starmesh), other)
@@ -669,12 +716,13 @@ def run_bench(
     profile_target: str = "starmesh",
     against: str | None = None,
     mtls: bool = False,
+    telemetry: bool = False,
 ) -> tuple[list[Target], str]:
     """Start everything, run the interleaved repetitions (then the profile), stop everything."""
     with tempfile.TemporaryDirectory(prefix="starmesh-bench-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            targets = start_targets(procs, two_hop, against, mtls)
+            targets = start_targets(procs, two_hop, against, mtls, telemetry)
             for target in targets:
                 if target.unavailable is None:
                     try:
@@ -688,6 +736,7 @@ def run_bench(
             live = [t for t in targets if t.unavailable is None]
             for target in live:
                 target.pids = sorted({pid for root in target.pids for pid in process_tree(root)})
+                target.idle_rss_mb = rss_mb(target.pids)
                 if warmup > 0:
                     run_wrk(target.url, max(concurrencies), warmup)
             for rep in range(reps):
@@ -696,7 +745,7 @@ def run_bench(
                         row = measure(target, c, seconds)
                         target.runs.setdefault(c, []).append(row)
                         print(
-                            f"rep {rep + 1}/{reps} c{c:<3} {target.name:<14} {row['rps']:>9.0f} req/s  "
+                            f"rep {rep + 1}/{reps} c{c:<3} {target.name:<22} {row['rps']:>9.0f} req/s  "
                             f"p50 {row['p50_us']:>7.0f} µs  p99 {row['p99_us']:>7.0f} µs  "
                             f"cpu {row['cpu_us_per_request']:>5.1f} µs/req"
                             + (f"  handshakes {row['handshakes']:.0f}" if target.tls_metrics else "")
@@ -707,6 +756,11 @@ def run_bench(
                 target.rss_mb = rss_mb(target.pids)
                 if target.tls_metrics:
                     target.handshakes_total = mtls_connections(target.tls_metrics)
+                if target.report is not None:
+                    try:
+                        target.extra = target.report()
+                    except (OSError, ValueError) as exc:
+                        print(f"{target.name}: counters unreadable: {exc}", flush=True)
             if profile_to is not None:
                 for target in live:
                     if target.name == profile_target:
@@ -740,7 +794,8 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, dict
         if t.unavailable is not None:
             summary[t.name] = {"unavailable": t.unavailable}
             continue
-        row: dict[str, object] = {"rss_mb": round(t.rss_mb or 0, 1)}
+        row: dict[str, object] = {"rss_mb": round(t.rss_mb or 0, 1), "idle_rss_mb": round(t.idle_rss_mb or 0, 1)}
+        row.update(t.extra)
         for c in concurrencies:
             for key in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "cpu_user_us_per_request", "cpu_system_us_per_request"):
                 value = median(t, c, key)
@@ -880,6 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the two-hop path in the control-plane form, plaintext (starmesh-2hop-cp) and mTLS "
         "(starmesh-2hop-mtls), each against its own control plane, and report the cost of mTLS",
     )  # fmt: skip
+    parser.add_argument(
+        "--telemetry", action="store_true",
+        help="also run one hop with telemetry off (starmesh-telemetry-off) and traced to a local OTLP sink with "
+        "every request logged (starmesh-traced), and report their cost against telemetry off",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -896,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     targets, versions = run_bench(
         args.seconds, args.reps, args.concurrency, args.two_hop, args.warmup, args.profile, args.profile_target, args.against,
-        args.mtls,
+        args.mtls, args.telemetry,
     )
     print(f"versions: {versions}")
     load_after = os.getloadavg()
@@ -914,6 +974,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for line in mtls_cost(summary, args.concurrency):
             print(line)
+    if args.telemetry:
+        print()
+        for line in telemetry_bench.cost_table(summary, args.concurrency):
+            print(line)
     for t in targets:
         if t.unavailable is not None:
             print(f"{t.name}: unavailable: {t.unavailable}")
@@ -924,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": {"before": load_before, "after": load_after},
             "settings": {
                 "seconds": args.seconds, "reps": args.reps, "concurrency": args.concurrency,
-                "warmup": args.warmup, "pin": args.pin, "mtls": args.mtls,
+                "warmup": args.warmup, "pin": args.pin, "mtls": args.mtls, "telemetry": args.telemetry,
             },  # fmt: skip
             "summary": summary,
             "runs": {t.name: {str(c): rows for c, rows in t.runs.items()} for t in targets},

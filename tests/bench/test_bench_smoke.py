@@ -169,8 +169,8 @@ def test_proxy_bench_smoke_run_produces_numbers_and_stops_everything(tmp_path: P
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, str(BENCH / "proxy.py"), "--seconds", "1", "--reps", "1", "--warmup", "0",
-         "--concurrency", "1", "2", "--no-two-hop", "--json", str(out)],
-        capture_output=True, text=True, timeout=240,
+         "--concurrency", "1", "2", "--no-two-hop", "--telemetry", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     raw = json.loads(out.read_text())
@@ -183,6 +183,17 @@ def test_proxy_bench_smoke_run_produces_numbers_and_stops_everything(tmp_path: P
     assert "starmesh" in raw["summary"]  # measured, or reported as unavailable
     started = [pid for pids in raw["pids"].values() for pid in pids]
     assert len(started) >= 5  # two nginx masters and their workers, the baseline proxy
+    if "unavailable" not in raw["summary"]["starmesh"]:
+        # --telemetry: the same proxy with telemetry off and fully traced, side by side.
+        off, default, traced = (raw["summary"][name] for name in ("starmesh-telemetry-off", "starmesh", "starmesh-traced"))
+        for row in (off, default, traced):
+            assert "unavailable" not in row and row["rps_c2"] > 0 and row["idle_rss_mb"] > 0, row
+            assert row["requests_total"] > 0, row  # read from the proxy's /metrics after the runs
+        assert off["access_log_dropped_total"] is None  # --access-log off: no log, no drop counter
+        assert traced["access_log_dropped_total"] == 0  # capped at 1,000,000 lines/s: every request logged
+        assert traced["sink"]["traces"] > 0 and traced["sink"]["bytes"] > 0, traced["sink"]  # spans exported
+        started.append(traced["sink"]["pid"])
+        assert re.search(r"^\| starmesh-traced \| [0-9,]+ \| [0-9.]+x \|", run.stdout, re.M), run.stdout
     assert not [pid for pid in started if _alive(pid)], "the bench left processes running"
 
 
@@ -203,6 +214,20 @@ def test_apply_and_parts_benches_run(tmp_path: Path) -> None:
     ).stdout
     for piece in ("reader", "upstream", "route+chain", "response head"):
         assert re.search(rf"^{re.escape(piece)}\s+[0-9.]+ µs$", parts_out, re.M), parts_out
+
+
+@pytest.mark.slow
+def test_telemetry_pieces_bench_times_each_piece() -> None:
+    """bench/proxy_telemetry.py --pieces: traceparent, span, OTLP encoding, access-log line (no timing asserted)."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "proxy_telemetry.py"), "--pieces", "--n", "200"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    for piece in ("traceparent, unsampled", "span start, attributes, end", "OTLP protobuf encoding", "access-log line"):
+        found = re.search(rf"^{re.escape(piece)}.*?\s([0-9.]+) µs", out, re.M)
+        assert found and float(found[1]) > 0, out
+    encoded = re.search(r"OTLP protobuf encoding.*\((\d+) bytes\)", out)
+    assert encoded and int(encoded[1]) > 100, out  # a real span, attributes and all, not an empty message
 
 
 @pytest.mark.slow
