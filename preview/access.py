@@ -35,10 +35,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import msgspec.json
-
 from starmesh.bundle.authz import PreparedAuthorization, prepare_authorization
-from starmesh.bundle.spec import Authorization, MtlsMode, Spec
+from starmesh.bundle.spec import MtlsMode, Spec
 from starmesh.preview.access_atoms import (
     DENIED,
     OPEN,
@@ -52,6 +50,7 @@ from starmesh.preview.access_atoms import (
 )
 from starmesh.preview.access_text import clauses_for, describe
 from starmesh.preview.model import NARROWS_ACCESS, REMOVES_PROTECTION, WIDENS_ACCESS, Change
+from starmesh.preview.semantic_text import policy_json
 
 __all__ = ["MAX_COMBINATIONS", "diff_access"]
 
@@ -124,10 +123,6 @@ def _change(
     return Change(service, kind, summary, old, new, risk, file, line)
 
 
-def _to_json(authz: Authorization | None) -> object:
-    return None if authz is None else msgspec.json.decode(msgspec.json.encode(authz))
-
-
 def _authorization_changes(name: str, old: Spec, new: Spec) -> Iterator[Change]:
     before, after = old.authorization.get(name), new.authorization.get(name)
     key = f"authorization/{name}"
@@ -138,12 +133,12 @@ def _authorization_changes(name: str, old: Spec, new: Spec) -> Iterator[Change]:
         risk = () if audit else (NARROWS_ACCESS,)
         count = len(after.rules)
         summary = f"{name}: authorization added ({what}; {count} allow rule{'' if count == 1 else 's'})"
-        yield _change(name, "authorization.added", summary, None, _to_json(after), risk, _where(new, key))
+        yield _change(name, "authorization.added", summary, None, policy_json(after), risk, _where(new, key))
     elif before is not None and after is None:
         audit = before.mode == "audit"
         risk = () if audit else (WIDENS_ACCESS, REMOVES_PROTECTION)
         summary = f"{name}: authorization removed: every caller that can connect is allowed every request"
-        yield _change(name, "authorization.removed", summary, _to_json(before), None, risk, _where(old, key))
+        yield _change(name, "authorization.removed", summary, policy_json(before), None, risk, _where(old, key))
     elif before is not None and after is not None and before.mode != after.mode:
         to_audit = after.mode == "audit"
         what = "denies nothing, logs what it would deny" if to_audit else "denies what no allow admits"

@@ -41,7 +41,7 @@ def compare(
     return DiffReport(
         base=base_side,
         head=head_side,
-        changes=tuple(diff_specs(base.spec, head.spec)),
+        changes=tuple(diff_specs(base.spec, head.spec, (old_table, new_table))),
         requests=tuple(request_impacts(old_table, new_table, requests)),
         request_tests=diff_request_tests(base.spec, head.spec),
     )

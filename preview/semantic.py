@@ -40,13 +40,16 @@ def _access_rank(change: Change) -> int:
     return {"authorization": 0, "access": 1}.get(change.kind.partition(".")[0], 2)
 
 
-def diff_specs(old: Spec, new: Spec) -> list[Change]:
+def diff_specs(
+    old: Spec, new: Spec, tables: tuple[DecisionTable, DecisionTable] | None = None
+) -> list[Change]:
     """Every behavioural change from `old` (the base) to `new` (the head), sorted.
 
-    Both specs must be valid (compiled); BundleError if one cannot become a table."""
+    Both specs must be valid (compiled); BundleError if one cannot become a table.
+    `tables` are the two specs' decision tables when the caller has built them already."""
     if _behaviour(old) == _behaviour(new):
         return []
-    old_table, new_table = DecisionTable.build(old), DecisionTable.build(new)
+    old_table, new_table = tables if tables is not None else (DecisionTable.build(old), DecisionTable.build(new))
     access = diff_access(old, new)
     changes = mesh_changes(old, new)
     changes += sorted((c for c in access if c.service is None), key=_access_rank)
