@@ -386,7 +386,7 @@ def _watch_lines(
         try:
             answer = fetch()
         except InputError as exc:  # shown, and tried again at the next refresh
-            consoles.err.print(Text(f"starmesh: error: {exc.format_message()}"))
+            consoles.err.print(Text(printable(f"starmesh: error: {exc.format_message()}")))
             answer = None
 
 

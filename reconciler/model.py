@@ -94,7 +94,7 @@ class ProxyRecord:
     `releases_behind` how many releases were issued after the one it runs up to that
     one (None while it runs none; rollout.py `releases_behind`), `request_rate` its
     requests per second over its last heartbeat interval (None until two heartbeats
-    carried a count, and once stale)."""
+    carried a count, once stale, and again until two more after it comes back)."""
 
     id: str
     service: str
@@ -139,7 +139,7 @@ class ProxyEntry:
     ACK, or its heartbeat's claim); `error` is its last NACK reason (None after an ACK)
     and `nacked_version`/`nacked_bundle` what that NACK was about. `requests` holds the
     last two request counts its heartbeats carried, `(requests_total, seen)`, oldest
-    first: `request_rate` is the slope between them."""
+    first (none from before it went stale): `request_rate` is the slope between them."""
 
     id: str
     service: str

@@ -110,9 +110,7 @@ class Registry:
         requests_total: int | None = None,
     ) -> None:
         """Register or refresh a proxy; RegistryFull when a new one does not fit."""
-        _check_heartbeat(proxy_id, service, version, address, release_version, bundle)
-        if requests_total is not None and requests_total < 0:
-            raise InvalidRegistration(f"proxy {proxy_id}: requests_total {requests_total} is negative")
+        _check_heartbeat(proxy_id, service, version, address, release_version, bundle, requests_total)
         self.sweep()
         old = self._live.pop(proxy_id, None)
         was_live = old is not None
@@ -129,9 +127,11 @@ class Registry:
         if old is None:
             entry = ProxyEntry(proxy_id, service, version, address, now, utc_now(), release_version, bundle)
         else:
+            # counts from before it went stale would make a rate over the outage: dropped
             entry = replace(
-                old, service=service, version=version, address=address, seen=now, last_seen=utc_now(), stale=False
-            )
+                old, service=service, version=version, address=address, seen=now, last_seen=utc_now(), stale=False,
+                requests=old.requests if was_live else (),
+            )  # fmt: skip
             if release_version is not None and (old.release_version is None or release_version >= old.release_version):
                 entry = replace(entry, release_version=release_version, bundle=bundle)
         if requests_total is not None:
@@ -295,7 +295,13 @@ class Registry:
 
 
 def _check_heartbeat(
-    proxy_id: str, service: str, version: str, address: str, release_version: int | None, bundle: str | None
+    proxy_id: str,
+    service: str,
+    version: str,
+    address: str,
+    release_version: int | None,
+    bundle: str | None,
+    requests_total: int | None,
 ) -> None:
     check_proxy_id(proxy_id)
     for field, value, check in (("service", service, check_name), ("version", version, check_name),
@@ -306,6 +312,8 @@ def _check_heartbeat(
             raise InvalidRegistration(f"proxy {proxy_id}: bad {field}: {exc} ({exc.hint})") from None
     if release_version is not None and release_version < 0:
         raise InvalidRegistration(f"proxy {proxy_id}: release_version {release_version} is negative")
+    if requests_total is not None and requests_total < 0:
+        raise InvalidRegistration(f"proxy {proxy_id}: requests_total {requests_total} is negative")
     if bundle is not None and not is_digest(bundle):
         raise InvalidRegistration(f"proxy {proxy_id}: bundle {bundle[:80]!r} is not sha256:<64 lowercase hex>")
 

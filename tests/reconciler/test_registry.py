@@ -277,6 +277,10 @@ def test_the_request_rate_is_the_slope_of_the_last_two_counts(h: Any) -> None:
     stale = reg.entries()[0]
     assert stale.stale and reg.record(stale, "stale", now=clock.now).request_rate is None
     assert reg.record(stale, "stale", now=clock.now).last_seen_seconds_ago == 31.0
+    beat(reg, "r1", requests_total=3)  # back from stale: counts from before the gap are dropped
+    back = reg.get("r1")
+    assert back is not None and back.requests == ((3, clock.now),)
+    assert reg.record(reg.entries()[0], "pending", now=clock.now).request_rate is None
 
 
 def test_a_negative_count_is_refused_and_changes_nothing(h: Any) -> None:
