@@ -75,16 +75,12 @@ def _no_route(services: Mapping[str, object]) -> Callable[[Request], Response]:
     return answer
 
 
-async def _answer(response: Response) -> Response:
-    return response
-
-
 class _Unrouted:
     """Requests no rule takes: one answering handler per destination, made at its first request."""
 
     __slots__ = ("_deps", "_answer", "_handlers")
 
-    def __init__(self, deps: ChainDeps | None, services: Mapping[str, object]) -> None:
+    def __init__(self, deps: ChainDeps, services: Mapping[str, object]) -> None:
         self._deps = deps
         self._answer = _no_route(services)
         self._handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {}
@@ -92,8 +88,6 @@ class _Unrouted:
     def __call__(self, destination: str, request: Request) -> Awaitable[Response]:
         handler = self._handlers.get(destination)
         if handler is None:
-            if self._deps is None:  # a table built without the proxy's parts (tests): the answer alone
-                return _answer(self._answer(request))
             handler = self._handlers[destination] = build_answering(self._deps, "outbound", destination, self._answer)
         return handler(request)
 
@@ -114,7 +108,7 @@ class RouteTable:
         handlers: dict[int, Handler],
         inbound: Handler,
         inbound_policy: InboundPolicy,
-        deps: ChainDeps | None = None,
+        deps: ChainDeps,
     ) -> None:
         self.bundle = bundle
         self.digest = digest
@@ -140,10 +134,9 @@ class RouteTable:
         `decisions` may be given when the caller has already built the DecisionTable
         (the runtime's own validation step); `app` is the local app's `host:port`."""
         mesh = bundle.spec.mesh
-        if isinstance(deps, ChainDeps):
-            # Every chain follows its own bundle's mesh settings (tracing, access_log), and
-            # with mTLS its trust domain (the SVIDs peers must present).
-            deps = replace(deps, mesh=mesh, trust_domain=mesh.trust_domain)
+        # Every chain follows its own bundle's mesh settings (tracing, access_log), and
+        # with mTLS its trust domain (the SVIDs peers must present).
+        deps = replace(deps, mesh=mesh, trust_domain=mesh.trust_domain)
         try:
             with paused_gc():
                 table = decisions if decisions is not None else DecisionTable.build(bundle.spec)
@@ -168,7 +161,7 @@ class RouteTable:
             raise ConfigRejected(f"route table: {exc}", reason="validation") from exc
         # The local service's effective mode (service(mtls=) else mesh(mtls=)).
         policy = InboundPolicy(local.mtls if local is not None else mesh.mtls, mesh.trust_domain)
-        return cls(bundle, digest, table, handlers, inbound, policy, deps if isinstance(deps, ChainDeps) else None)
+        return cls(bundle, digest, table, handlers, inbound, policy, deps)
 
     def outbound(self, request: Request) -> Awaitable[Response]:
         """Route a calling-side request: 404 `no-route` or the winning rule's chain.

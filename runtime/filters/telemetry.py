@@ -134,8 +134,8 @@ def _observed(
     percent = float(mesh.tracing.sample_percent)
     rate = mesh.access_log.max_lines_per_second
     access = observe.access_log if mesh.access_log.enabled else None
-    server = direction == "inbound"
     hop = _Hop(direction, source, destination, observe)
+    server = hop.server
 
     def wrap(inner: Handler) -> Handler:
         async def telemetry(request: Request) -> Response:
@@ -149,12 +149,13 @@ def _observed(
             except BaseException as exc:
                 seconds = clock() - start
                 picked = (request.target_version or "") if version is None else version
-                if isinstance(exc, Exception):  # a cancelled request (the client left) is not counted
+                # 0: a cancelled request (the client left), no answer: not counted (Envoy logs 0 too).
+                status = 500 if isinstance(exc, Exception) else 0
+                if status:
                     if fixed is not None:
                         fixed(picked, 500, "", seconds)
                     else:
                         record(direction, request.source or "", destination, picked, 500, "", seconds)
-                status = 500 if isinstance(exc, Exception) else 0  # 0: no answer (Envoy logs 0 too)
                 if span is not None:
                     assert tracer is not None
                     attributes = hop.attributes(request, None, status, picked)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,14 @@ import pytest
 import starmesh.runtime.table as table_module
 from starmesh.bundle.canonical import Bundle, decode_bundle
 from starmesh.compiler.compile import compile_tree
+from starmesh.runtime.chain import ChainDeps
+from starmesh.runtime.endpoints import Endpoints
 from starmesh.runtime.errors import ConfigRejected
+from starmesh.runtime.http.client import UpstreamPool
 from starmesh.runtime.message import EMPTY, Request, Response
+from starmesh.runtime.state import StateRegistry
 from starmesh.runtime.table import RouteTable
+from starmesh.runtime.telemetry import MemoryRecorder
 
 POLICY = """
 mesh(name = "t", mtls = "disable")
@@ -66,8 +70,11 @@ def fake_chains(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return built
 
 
-def deps(local: str = "web") -> Any:
-    return types.SimpleNamespace(local_service=local)
+def deps(local: str = "web") -> ChainDeps:
+    """Real deps (the chains themselves are faked by `fake_chains`; nothing connects)."""
+    return ChainDeps(
+        pool=UpstreamPool(), endpoints=Endpoints(), state=StateRegistry(), recorder=MemoryRecorder(), local_service=local
+    )
 
 
 def request(service: str, path: str = "/", headers: list[tuple[str, str]] | None = None) -> Request:
@@ -75,7 +82,7 @@ def request(service: str, path: str = "/", headers: list[tuple[str, str]] | None
     return Request("GET", path, query or None, headers or [], EMPTY, service=service)
 
 
-def answer(table: Any, req: Request) -> Response:
+def answer(table: RouteTable, req: Request) -> Response:
     async def go() -> Response:
         return await table.outbound(req)
 
