@@ -2,6 +2,8 @@
 
     ReconcilerError             anything the control plane refuses or cannot do; the message says what
      ├── StoreError             the state store cannot be read or written (path, reason)
+     │    ├── StoreUnavailable  etcd cannot be reached (every member tried); read-only until it is back
+     │    └── NotLeader         a leader-only write refused: this replica no longer holds the leader lease
      ├── SourceUnavailable      the policy repository or branch cannot be read right now (retry later)
      ├── UnknownBundle          a digest the store does not hold (rollback target, bundle fetch)
      ├── RegistryFull           every one of the registry's `max_proxies` is live: a new proxy is refused
@@ -17,10 +19,12 @@ from __future__ import annotations
 __all__ = [
     "CAError",
     "InvalidRegistration",
+    "NotLeader",
     "ReconcilerError",
     "RegistryFull",
     "SourceUnavailable",
     "StoreError",
+    "StoreUnavailable",
     "UnknownBundle",
 ]
 
@@ -31,6 +35,14 @@ class ReconcilerError(Exception):
 
 class StoreError(ReconcilerError):
     """The state store cannot be read or written; the message names the key and the reason."""
+
+
+class StoreUnavailable(StoreError):
+    """etcd cannot be reached (every member was tried): serve what the replica holds, read-only."""
+
+
+class NotLeader(StoreError):
+    """A leader-only write was fenced off: another replica holds (or took) the leader lease."""
 
 
 class SourceUnavailable(ReconcilerError):
