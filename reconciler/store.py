@@ -12,15 +12,47 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from starmesh.bundle.files import TEMP_PREFIX, write_atomically
 from starmesh.reconciler.errors import StoreError
 
-__all__ = ["FileStore", "Store"]
+__all__ = ["FileStore", "Store", "StoreHealth"]
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._:-]*(/[a-z0-9][a-z0-9._:-]*)*$")
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the store takes writes now (`/v1/status` shows it under `control_plane.store`).
+
+    An etcd store that cannot reach etcd stays readable from its mirror: `read_only`, with
+    `since` (ISO-8601, UTC) the moment it was first found unreachable and `error` why.
+    """
+
+    kind: Literal["file", "etcd"]
+    available: bool
+    since: str | None = None
+    error: str | None = None
+    member: str | None = None  # the etcd member in use, HOST:PORT
+    revision: int | None = None  # the etcd revision the mirror has caught up with
+
+    @property
+    def read_only(self) -> bool:
+        return not self.available
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "available": self.available,
+            "read_only": self.read_only,
+            "since": self.since,
+            "error": self.error,
+            "member": self.member,
+            "revision": self.revision,
+        }
 
 
 class Store(Protocol):
@@ -41,9 +73,12 @@ class Store(Protocol):
     def keys(self, prefix: str) -> list[str]:
         """Keys directly under `prefix` (a `/`-ended folder name), sorted."""
 
+    def health(self) -> StoreHealth:
+        """Whether writes can succeed now; never raises."""
+
 
 def check_key(key: str) -> str:
-    if not _KEY.match(key) or len(key) > 512:
+    if not _KEY.fullmatch(key) or len(key) > 512:
         raise StoreError(f"invalid store key {key!r} (lower-case names, digits, ._:- and /)")
     return key
 
@@ -105,3 +140,7 @@ class FileStore:
         except OSError as exc:
             raise StoreError(f"cannot list {directory}: {exc.strerror or exc}") from exc
         return [f"{folder}/{name}" if folder else name for name in names]
+
+    def health(self) -> StoreHealth:
+        """A state dir is always there to write to (a failing disk shows as StoreError)."""
+        return StoreHealth(kind="file", available=True)

@@ -40,6 +40,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _PortTaken(RuntimeError):
+    """etcd could not bind its ports: another process took them after they were picked."""
+
+
 class EtcdServer:
     """One etcd process on loopback with its own data dir; restartable on the same ports."""
 
@@ -53,12 +57,28 @@ class EtcdServer:
         self.url = f"etcd://127.0.0.1:{self.client_port}"
         self.log = directory / f"{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
+        """Start (again: on the same ports and data). A first start whose ports another test
+        took meanwhile (they are picked free, then released) retries on new ones."""
+        for attempt in range(3):
+            try:
+                self._start()
+                self._started = True
+                return
+            except _PortTaken:
+                if self._started or attempt == 2:
+                    raise
+                self.client_port, self.peer_port = _free_port(), _free_port()
+                self.client_url = f"http://127.0.0.1:{self.client_port}"
+                self.url = f"etcd://127.0.0.1:{self.client_port}"
+
+    def _start(self) -> None:
         assert not self.running, "etcd is running already"
         peer = f"http://127.0.0.1:{self.peer_port}"
         command = [
@@ -81,6 +101,8 @@ class EtcdServer:
         deadline = time.monotonic() + ETCD_START_DEADLINE
         while True:
             if self._process.poll() is not None:
+                if "address already in use" in self.log.read_text(errors="replace")[-2000:]:
+                    raise _PortTaken(self.client_url)
                 raise RuntimeError(f"etcd exited with {self._process.returncode}: {self.log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(self.client_url + "/health", timeout=2) as answer:
