@@ -1,0 +1,202 @@
+"""Which control-plane replicas are up: each one keeps `replicas/<id>` alive on its own lease.
+
+    replica r1 ── put_leased("replicas/r1", {...}, lease) ──┐ every ttl/3: keepalive, then
+    replica r2 ── put_leased("replicas/r2", {...}, lease) ──┤ rewrite (role and seen_at fresh)
+                                                              ▼
+                                         etcd ─watch─► every replica's mirror ─► replicas()
+
+A replica that stops cleanly (`leave`) revokes its lease, so its record goes at once; one
+that crashes stops renewing, and etcd deletes the record when the lease runs out (ttl
+seconds later). No replica ever deletes another's record: the leases are the truth.
+`/v1/status` shows the list under `control_plane.replicas`.
+
+The record says what the replica is (`id`, `url`, `started_at`) and what it last said
+about itself (`role`, `seen_at`); `seen_at` is the replica's own clock, a hint for people,
+never a liveness test (the lease is). This module also holds the two checks the election
+shares: a replica id, and a lease ttl in whole seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from starmesh.reconciler.errors import StoreError
+from starmesh.reconciler.model import utc_now
+from starmesh.reconciler.watch import backoff_delay
+
+if TYPE_CHECKING:
+    from starmesh.reconciler.etcd_store import EtcdStore
+
+__all__ = ["REPLICAS_PREFIX", "ReplicaInfo", "ReplicaSet", "check_replica_id", "lease_seconds"]
+
+log = logging.getLogger("starmesh.control_plane.replicas")
+
+REPLICAS_PREFIX = "replicas/"
+RETRY_BASE = 0.1
+"""Seconds before the first retry after a failed etcd call; doubles (jittered) up to ttl/3."""
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_replica_id(replica_id: str) -> str:
+    """`replica_id` when it is 1-64 of A-Z a-z 0-9 . _ - (it names a store key); ValueError otherwise."""
+    if not _REPLICA_ID.fullmatch(replica_id):
+        raise ValueError(
+            f"invalid replica id {replica_id!r}: use 1 to 64 letters, digits, '.', '_' or '-' (e.g. cp-1)"
+        )
+    return replica_id
+
+
+def lease_seconds(ttl: float) -> int:
+    """An etcd lease ttl: `ttl` seconds rounded up to a whole second (etcd counts in seconds)."""
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError(f"invalid lease ttl {ttl!r}: give a positive number of seconds (e.g. 10)")
+    return max(1, math.ceil(ttl))
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One replica's record under `replicas/<id>` (what `/v1/status` lists)."""
+
+    id: str
+    url: str
+    role: str
+    started_at: str
+    seen_at: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "url": self.url, "role": self.role, "started_at": self.started_at, "seen_at": self.seen_at}
+
+
+def decode_replica(value: bytes | None) -> ReplicaInfo | None:
+    """The record in `value`, or None when it is not one (absent, not JSON, a field missing or not text)."""
+    if value is None:
+        return None
+    try:
+        data = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    fields = ("id", "url", "role", "started_at", "seen_at")
+    if not isinstance(data, dict) or not all(isinstance(data.get(name), str) for name in fields):
+        return None
+    return ReplicaInfo(*(str(data[name]) for name in fields))
+
+
+class ReplicaSet:
+    """This replica's own record, kept alive on its lease, and everyone's records from the mirror."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        replica_id: str,
+        url: str,
+        *,
+        ttl: float = 10.0,
+        role: Callable[[], str] = lambda: "follower",
+    ) -> None:
+        self.replica_id = check_replica_id(replica_id)
+        self.url = url
+        self.ttl = lease_seconds(ttl)
+        self.key = REPLICAS_PREFIX + replica_id
+        self.started_at = utc_now()
+        self._store = store
+        self._role = role
+        self._every = self.ttl / 3
+        self._lease: int | None = None
+        self._left = False
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rng = random.Random()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write the record and rewrite it every ttl/3 until `stop` (or `leave`); etcd
+        failures are logged and retried with backoff, never raised."""
+        self._loop = asyncio.get_running_loop()
+        failures = 0
+        while not stop.is_set() and not self._left:
+            self._wake.clear()
+            try:
+                await self._announce()
+            except StoreError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("replica %s cannot renew its record (retrying): %s", self.replica_id, exc)
+                delay = backoff_delay(failures - 1, RETRY_BASE, self._every, self._rng)
+            else:
+                if failures:
+                    log.info("replica %s renews its record again", self.replica_id)
+                failures, delay = 0, self._every
+            await pause(stop, self._wake, delay)
+
+    def refresh(self) -> None:
+        """Rewrite the record now rather than at the next tick (the role changed); any thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs to refresh
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def replicas(self) -> list[ReplicaInfo]:
+        """Every live replica's record (from the mirror), sorted by id; records that do
+        not decode, or sit under another id's key, are skipped."""
+        found: list[ReplicaInfo] = []
+        for key in self._store.keys(REPLICAS_PREFIX):
+            info = decode_replica(self._store.get(key))
+            if info is not None and REPLICAS_PREFIX + info.id == key:
+                found.append(info)
+        return sorted(found, key=lambda info: info.id)
+
+    async def leave(self) -> None:
+        """Clean stop: revoke the lease (etcd deletes the record at once) and stop `run`.
+        When etcd cannot be reached the record goes when the lease runs out."""
+        self._left = True
+        self._wake.set()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await revoke_quietly(self._store, lease, f"replica {self.replica_id}")
+
+    async def _announce(self) -> None:
+        lease = self._lease
+        if lease is not None and not await asyncio.to_thread(self._store.keepalive, lease):
+            log.info("replica %s: its lease expired; writing its record again on a new one", self.replica_id)
+            self._lease = lease = None
+        if lease is None:
+            lease = await asyncio.to_thread(self._store.grant_lease, self.ttl)
+            if self._left:  # leave() ran meanwhile: it could not revoke this one
+                await revoke_quietly(self._store, lease, f"replica {self.replica_id}")
+                return
+            self._lease = lease
+        record = ReplicaInfo(self.replica_id, self.url, self._role(), self.started_at, utc_now())
+        value = json.dumps(record.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        await asyncio.to_thread(self._store.put_leased, self.key, value, lease)
+
+
+async def pause(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds`, or less when `stop` or `wake` is set; True when `wake` ended it
+    (election.py waits the same way)."""
+    if stop.is_set() or wake.is_set():
+        return wake.is_set()
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return wake.is_set()
+
+
+async def revoke_quietly(store: EtcdStore, lease: int, whose: str, logger: logging.Logger = log) -> None:
+    """Revoke `lease`; when etcd cannot be reached, log it: the lease runs out by itself
+    (election.py gives up its leases the same way)."""
+    try:
+        await asyncio.to_thread(store.revoke, lease)
+    except StoreError as exc:
+        logger.warning("%s: cannot revoke lease %x, it will expire by itself: %s", whose, lease, exc)

@@ -1,0 +1,145 @@
+"""replicas.py: every replica's leased record on a real etcd; leaving, crashing, re-joining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+
+from starmesh.reconciler.election import LeaderElection
+from starmesh.reconciler.etcd_client import parse_etcd_url
+from starmesh.reconciler.etcd_store import EtcdStore
+from starmesh.reconciler.replicas import REPLICAS_PREFIX, ReplicaSet, check_replica_id, lease_seconds
+
+TTL = 2.0
+"""Seconds: a crashed replica's record goes this long after its last renewal."""
+LONG_TTL = 600.0
+"""Seconds: far beyond the tests' waits, so a record gone within one was revoked."""
+
+
+@pytest.fixture
+def stores(etcd_server: Any) -> Iterator[Callable[[], EtcdStore]]:
+    """`stores()`: a new started EtcdStore on the test's etcd (one per replica); closed at the end."""
+    made: list[EtcdStore] = []
+
+    def make() -> EtcdStore:
+        store = EtcdStore(parse_etcd_url(etcd_server.url), timeout=2.0, probe_interval=0.2)
+        store.start()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "x" * 65, "r 1", "ré", "r1\n"])
+def test_bad_replica_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid replica id"):
+        check_replica_id(bad)
+    with pytest.raises(ValueError, match="invalid replica id"):
+        ReplicaSet(cast(EtcdStore, None), bad, "http://x")
+    with pytest.raises(ValueError, match="invalid replica id"):
+        LeaderElection(cast(EtcdStore, None), bad, "http://x")
+
+
+def test_good_ids_and_ttls() -> None:
+    assert check_replica_id("cp-1.eu_WEST") == "cp-1.eu_WEST"
+    assert check_replica_id("x" * 64) == "x" * 64
+    assert [lease_seconds(t) for t in (0.3, 1, 1.2, 10)] == [1, 1, 2, 10]
+    for bad in (0, -1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="invalid lease ttl"):
+            lease_seconds(bad)
+        with pytest.raises(ValueError, match="invalid lease ttl"):
+            ReplicaSet(cast(EtcdStore, None), "r1", "http://x", ttl=bad)
+
+
+class Member:
+    """One replica's ReplicaSet on its own store, running until stopped or crashed."""
+
+    def __init__(self, store: EtcdStore, replica_id: str, ttl: float = TTL) -> None:
+        self.store = store
+        self.role = "follower"
+        self.set = ReplicaSet(store, replica_id, f"http://{replica_id}.test", ttl=ttl, role=lambda: self.role)
+        self.stop = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self.set.run(self.stop))
+
+    async def crash(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def ids(replicas: ReplicaSet) -> list[str]:
+    return [info.id for info in replicas.replicas()]
+
+
+def test_replicas_join_leave_and_crash(stores: Callable[[], EtcdStore], h: Any) -> None:
+    async def main() -> None:
+        members = [Member(stores(), "r3"), Member(stores(), "r1"), Member(stores(), "r2", LONG_TTL)]
+        watcher = stores()
+        try:
+            await h.until(lambda: all(ids(m.set) == ["r1", "r2", "r3"] for m in members), "three replicas listed")
+            first = members[1].set.replicas()[0]
+            assert first.to_json() == {
+                "id": "r1",
+                "url": "http://r1.test",
+                "role": "follower",
+                "started_at": members[1].set.started_at,
+                "seen_at": first.seen_at,
+            }
+            assert first.seen_at.endswith("Z") and first.started_at <= first.seen_at
+
+            # records are rewritten: the role as it is now, seen_at moving on
+            members[1].role = "leader"
+            members[1].set.refresh()
+            await h.until(
+                lambda: [(r.id, r.role) for r in members[0].set.replicas()][0] == ("r1", "leader"), "r1's new role"
+            )
+            await h.until(lambda: members[0].set.replicas()[0].seen_at > first.seen_at, "r1's seen_at moving on")
+
+            # a record that does not decode, or sits under another id's key, is skipped
+            await asyncio.to_thread(watcher.put, REPLICAS_PREFIX + "junk", b"{not json")
+            await asyncio.to_thread(watcher.put, REPLICAS_PREFIX + "r9", members[1].store.get("replicas/r1") or b"")
+            await h.until(lambda: watcher.get(REPLICAS_PREFIX + "r9") is not None, "the odd records in the mirror")
+            assert ids(members[1].set) == ["r1", "r2", "r3"]
+
+            # leaving revokes the lease: the record goes at once (r2's lease would last 600 s)
+            leaving = members[2]
+            leaving.stop.set()
+            await leaving.task
+            await leaving.set.leave()
+            await h.until(lambda: all(ids(m.set) == ["r1", "r3"] for m in members[:2]), "r2 gone after leaving")
+
+            # a crash stops the renewals: the record goes when the lease runs out
+            await members[0].crash()
+            await h.until(lambda: ids(members[1].set) == ["r1"], "r3 gone after its lease expired")
+        finally:
+            for member in members:
+                await member.crash()
+
+    h.run(main)
+
+
+def test_a_replica_whose_lease_expired_writes_its_record_again(stores: Callable[[], EtcdStore], h: Any) -> None:
+    async def main() -> None:
+        member = Member(stores(), "r1")
+        operator = stores()
+        try:
+            await h.until(lambda: operator.meta(REPLICAS_PREFIX + "r1") is not None, "r1's record")
+            meta = operator.meta(REPLICAS_PREFIX + "r1")
+            assert meta is not None and meta.lease != 0
+            await asyncio.to_thread(operator.revoke, meta.lease)  # as if etcd had expired it
+            assert operator.meta(REPLICAS_PREFIX + "r1") is None
+            await h.until(
+                lambda: (now := operator.meta(REPLICAS_PREFIX + "r1")) is not None and now.lease not in (0, meta.lease),
+                "r1's record back on a new lease",
+            )
+        finally:
+            await member.crash()
+
+    h.run(main)
