@@ -28,6 +28,12 @@ get a half-filled one. After the warm-up a client ahead of the registry (`after`
 
 `max_proxies` bounds the registry: a new proxy displaces the longest-stale one, and
 when every known proxy is live it is refused with `RegistryFull`.
+
+With several control-plane replicas (issue 9) a proxy talks to one of them, and the
+others learn of it from its record in the store (registry_sync.py): `apply` takes such a
+record in, `seen_ago` seconds old, in its place by last contact (stale when that is past
+`ttl`, dropped past `forget_after`), never older than what the registry holds and never
+lowering the release a proxy runs. `forget` drops a proxy whose record was deleted.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from starmesh.bundle.canonical import is_digest
 from starmesh.compiler.values import ValueProblem, check_endpoint, check_name
@@ -116,13 +123,8 @@ class Registry:
         was_live = old is not None
         if old is None:
             old = self._stale.pop(proxy_id, None)
-        if old is None and len(self._live) + len(self._stale) >= self.max_proxies:
-            if not self._stale:
-                raise RegistryFull(
-                    f"the registry holds {self.max_proxies} live proxies (max_proxies); proxy {proxy_id} "
-                    "is refused: raise the limit or retire proxies"
-                )
-            self._stale.popitem(last=False)
+        if old is None:
+            self._make_room(proxy_id)
         now = self.clock()
         if old is None:
             entry = ProxyEntry(proxy_id, service, version, address, now, utc_now(), release_version, bundle)
@@ -172,6 +174,83 @@ class Registry:
         self._live[proxy_id] = entry
         if revived and self._add_address(entry):
             self._bump()
+
+    # -- what other replicas share ----------------------------------------------------------
+
+    def apply(
+        self,
+        proxy_id: str,
+        service: str,
+        version: str,
+        address: str,
+        *,
+        release_version: int | None,
+        bundle: str | None,
+        error: str | None,
+        nacked_version: int | None,
+        nacked_bundle: str | None,
+        requests_total: int | None,
+        seen_ago: float,
+    ) -> bool:
+        """Take in a proxy's record from another replica, last in contact `seen_ago` seconds
+        ago (clamped to >= 0). False when it changes nothing: the registry knows of a contact
+        as recent or later, or the record is past `forget_after`. Refused as `heartbeat`
+        refuses (InvalidRegistration, RegistryFull)."""
+        _check_heartbeat(proxy_id, service, version, address, release_version, bundle, requests_total)
+        if nacked_version is not None and nacked_version < 0:
+            raise InvalidRegistration(f"proxy {proxy_id}: nacked_version {nacked_version} is negative")
+        if nacked_bundle is not None and not is_digest(nacked_bundle):
+            raise InvalidRegistration(f"proxy {proxy_id}: nacked_bundle {nacked_bundle[:80]!r} is not sha256:<hex>")
+        self.sweep()
+        age = max(0.0, seen_ago)
+        seen = self.clock() - age
+        was_live = proxy_id in self._live
+        old = self._live.get(proxy_id) if was_live else self._stale.get(proxy_id)
+        if age > self.forget_after or (old is not None and old.seen >= seen):
+            return False
+        if old is None:
+            self._make_room(proxy_id)
+        live = age <= self.ttl
+        if old is not None and old.release_version is not None:
+            if release_version is None or release_version < old.release_version:  # never backwards
+                release_version, bundle = old.release_version, old.bundle
+        requests = old.requests if old is not None and was_live and live else ()
+        if requests_total is not None and live:
+            requests = (*requests[-1:], (requests_total, seen))
+        entry = ProxyEntry(
+            proxy_id, service, version, address, seen, _utc(time.time() - age), release_version, bundle,
+            None if error is None else _truncate(error), nacked_version, nacked_bundle, not live, requests,
+        )  # fmt: skip
+        self._live.pop(proxy_id, None)
+        self._stale.pop(proxy_id, None)
+        _insert_by_seen(self._live if live else self._stale, entry)
+        if was_live and live and old is not None and (old.service, old.version, old.address) == (service, version, address):
+            return True
+        changed = was_live and old is not None and self._remove_address(old)
+        changed = (live and self._add_address(entry)) or changed
+        if changed:
+            self._bump()
+        return True
+
+    def forget(self, proxy_id: str) -> bool:
+        """Drop a proxy now (its record was deleted: another replica forgot it); True if known."""
+        entry = self._live.pop(proxy_id, None)
+        if entry is not None:
+            if self._remove_address(entry):
+                self._bump()
+            return True
+        return self._stale.pop(proxy_id, None) is not None
+
+    def _make_room(self, proxy_id: str) -> None:
+        """Room for one more proxy: the longest-stale one goes; RegistryFull when all are live."""
+        if len(self._live) + len(self._stale) < self.max_proxies:
+            return
+        if not self._stale:
+            raise RegistryFull(
+                f"the registry holds {self.max_proxies} live proxies (max_proxies); proxy {proxy_id} "
+                "is refused: raise the limit or retire proxies"
+            )
+        self._stale.popitem(last=False)
 
     # -- staleness -----------------------------------------------------------------------
 
@@ -316,6 +395,26 @@ def _check_heartbeat(
         raise InvalidRegistration(f"proxy {proxy_id}: requests_total {requests_total} is negative")
     if bundle is not None and not is_digest(bundle):
         raise InvalidRegistration(f"proxy {proxy_id}: bundle {bundle[:80]!r} is not sha256:<64 lowercase hex>")
+
+
+def _insert_by_seen(entries: OrderedDict[str, ProxyEntry], entry: ProxyEntry) -> None:
+    """Add `entry` in its place by `seen` (sweep reads only the oldest end). A record from
+    another replica is a little older than the newest local contacts: the few entries
+    newer than it move behind it, so this costs O(those few), not O(all)."""
+    entries[entry.id] = entry
+    newer = []
+    for other_id, other in reversed(entries.items()):
+        if other_id == entry.id:
+            continue
+        if other.seen <= entry.seen:
+            break
+        newer.append(other_id)
+    for other_id in reversed(newer):
+        entries.move_to_end(other_id)
+
+
+def _utc(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _truncate(text: str) -> str:

@@ -25,6 +25,11 @@ from the injectable clock; proxies seen live while promoted are kept in memory o
 
 A proxy that NACKed version V gets V again only after a hold that doubles with each NACK
 of V in a row (1 s, 2 s, 4 s, ... 300 s): `nack_hold` says how much of it is left.
+
+With several replicas (issue 9) only the leader's rollout is writable. A follower's is a
+read-only view (`start`, `rollback`, `reissue` raise NotLeader, `tick` does nothing,
+`on_report` keeps only NACK holds) that `reload()` re-reads when the leader has written;
+`set_writable(True)` reloads and ticks, so a new leader carries on where the store says.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ import msgspec
 from starmesh.bundle.canonical import decode_bundle
 from starmesh.bundle.errors import BundleError
 from starmesh.reconciler.change_signal import ChangeSignal
-from starmesh.reconciler.errors import ReconcilerError, UnknownBundle
+from starmesh.reconciler.errors import NotLeader, ReconcilerError, UnknownBundle
 from starmesh.reconciler.issuer import Issuer
 from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.metrics import RolloutProgress
 from starmesh.reconciler.model import ProxyEntry, ProxyState, ReleaseRecord
 from starmesh.reconciler.registry import Registry
+from starmesh.reconciler.rollout_load import keep_served, load_rollout, save_rollout
 from starmesh.reconciler.rollout_state import Phase, RolloutPolicy, RolloutState, stored_policy
 
 __all__ = ["MAX_NACK_HOLD", "Phase", "Rollout", "RolloutPolicy", "releases_behind"]
@@ -72,28 +78,71 @@ class Rollout:
     """The release each proxy should run, and the rollout's progress (see the module docs)."""
 
     def __init__(
-        self, ledger: Ledger, issuer: Issuer, registry: Registry, *, clock: Callable[[], float] = time.time
-    ) -> None:
+        self, ledger: Ledger, issuer: Issuer, registry: Registry, *, clock: Callable[[], float] = time.time,
+        writable: bool = True,
+    ) -> None:  # fmt: skip
         self.ledger, self.issuer, self.registry, self.clock = ledger, issuer, registry, clock
+        self.writable = writable
         self._lock = threading.RLock()
         self._changed = ChangeSignal()
-        self._s: RolloutState | None = None
-        self._release: ReleaseRecord | None = None
-        self._stable: ReleaseRecord | None = None
         self._targets: set[str] = set()
         self._nacks: dict[str, _Nack] = {}
         self._issued: tuple[int | None, list[int]] = (None, [])
-        raw = ledger.rollout_state()
-        if raw is not None:
-            self._load(raw)
-        current = ledger.current()
+        self._s, self._release, self._stable = load_rollout(ledger)
+        if writable:
+            self._resume()
+
+    # -- leader or follower ------------------------------------------------------------------
+
+    def set_writable(self, flag: bool) -> None:
+        """Become the leader's rollout (True: reload, then carry on from the store's state)
+        or a read-only view (False). A corrupt state raises StoreError and leaves it read-only;
+        a store error while carrying on is logged and left to the next tick."""
+        with self._lock:
+            if flag == self.writable:
+                return
+            if not flag:
+                self.writable = False
+                return
+            self.reload()
+            self.writable = True
+            try:
+                self._resume()
+                self.tick()
+            except ReconcilerError as exc:
+                log.error("rollout: taking over as leader, cannot carry on yet (the next tick tries again): %s", exc)
+
+    def reload(self) -> None:
+        """Read `rollout/state` and the releases again (the leader wrote them) and wake the
+        release long-polls. NACK holds are kept; proxies targeted while promoted are rebuilt
+        from the live ones. StoreError when the state is corrupt (the view is unchanged)."""
+        with self._lock:
+            s, release, stable = load_rollout(self.ledger)
+            same = s is not None and self._s is not None and s.version == self._s.version
+            targets = (self._targets if same else set()) | set(self.registry.live_ids())
+            self._targets = targets if s is not None and s.phase == "promoted" else set()
+            self._s, self._release, self._stable = s, release, stable
+            self._issued = (None, [])
+        self._changed.notify()
+
+    def _resume(self) -> None:
+        """A release issued but never started (a crash, or a leader deposed, in between) starts now."""
+        current = self.ledger.current()
         if current is not None and current.version > self._known():
-            self.start(current, stored_policy(ledger, current.bundle))  # issued, never started (a crash between)
+            self.start(current, stored_policy(self.ledger, current.bundle))
+        elif self._s is not None:
+            keep_served(self.ledger, self._s)
+
+    def _check_writable(self, what: str) -> None:
+        if not self.writable:
+            raise NotLeader(f"cannot {what} here: this control-plane replica is not the leader")
 
     # -- what starts rollouts ----------------------------------------------------------------
 
     def start(self, release: ReleaseRecord, policy: RolloutPolicy) -> None:
-        """Roll out `release`; a version not above the current rollout's is ignored (idempotent)."""
+        """Roll out `release`; a version not above the current rollout's is ignored (idempotent).
+        NotLeader on a read-only rollout."""
+        self._check_writable(f"start the rollout of release {release.version}")
         with self._lock:
             old = self._s
             if release.version <= self._known():
@@ -109,7 +158,9 @@ class Rollout:
             self._advance()
 
     def rollback(self, digest: str) -> ReleaseRecord:
-        """Release the stored bundle `digest` as a new version, to everyone; UnknownBundle if not stored."""
+        """Release the stored bundle `digest` as a new version, to everyone; UnknownBundle if not
+        stored, NotLeader on a read-only rollout."""
+        self._check_writable(f"roll back to {digest}")
         data = self.ledger.bundle(digest)
         try:
             commit = decode_bundle(data).source.commit
@@ -121,7 +172,9 @@ class Rollout:
             return record
 
     def reissue(self) -> ReleaseRecord | None:
-        """Re-issue the release everyone runs once it is half-way to expiry (not while canaries run)."""
+        """Re-issue the release everyone runs once it is half-way to expiry (not while canaries
+        run); NotLeader on a read-only rollout."""
+        self._check_writable("re-issue the release")
         with self._lock:
             newest, s = self.release_for(None), self._s
             if s is None or s.phase in ("canary", "baking") or newest is None or not self.issuer.reissue_due(newest):
@@ -150,6 +203,8 @@ class Rollout:
                 return
             if error is None:
                 self._nacks.pop(proxy_id, None)
+                if not self.writable:
+                    return
                 if bundle == release.bundle and (version or 0) >= release.version and proxy_id not in s.acked:
                     s.acked.add(proxy_id)
                     if proxy_id in s.canary:
@@ -161,21 +216,26 @@ class Rollout:
                     nack = self._nacks.get(proxy_id)
                     count = nack.count + 1 if nack is not None and nack.version == nacked else 1
                     self._nacks[proxy_id] = _Nack(nacked, count, self.clock())
+                if not self.writable:
+                    return
                 if nacked == release.version and self._targeted(proxy_id):
                     self._fail(proxy_id, f"NACK of release {nacked}: {error}")
             self._advance()
 
     def tick(self) -> None:
-        """Check the clock and the registry: bake end, stale targets, completion, halts."""
+        """Check the clock and the registry: bake end, stale targets, NACKs the registry
+        holds (reported to another replica, or while there was no leader), completion, halts."""
         with self._lock:
             s = self._s
-            if s is None:
+            if s is None or not self.writable:
                 return
             targets = s.canary if s.phase in ("canary", "baking") else sorted(self._targets)
             for proxy_id in targets:
                 entry = self.registry.get(proxy_id)
                 if (entry is None or entry.stale) and not self._has_acked(proxy_id, entry):
                     self._fail(proxy_id, f"went stale before acknowledging release {s.version}")
+                elif entry is not None and entry.error is not None and entry.nacked_version == s.version:
+                    self._fail(proxy_id, f"NACK of release {s.version}: {entry.error}")
             self._nacks = {p: n for p, n in self._nacks.items() if self.registry.get(p) is not None}
             self._advance()
 
@@ -269,7 +329,7 @@ class Rollout:
     def _advance(self) -> None:
         """Take every transition that is due now; persist and wake waiters when the phase moves."""
         s, release, stable = self._s, self._release, self._stable
-        if s is None or release is None:
+        if s is None or release is None or not self.writable:
             return
         before, canaries = s.phase, len(s.canary)
         halts = release.reason == "commit" and len(s.failures) > s.policy.max_failures
@@ -308,7 +368,7 @@ class Rollout:
 
     def _fail(self, proxy_id: str, reason: str) -> None:
         s = self._s
-        if s is not None and proxy_id not in s.failures and s.phase in ("canary", "baking", "promoted"):
+        if s is not None and self.writable and proxy_id not in s.failures and s.phase in ("canary", "baking", "promoted"):
             s.failures[proxy_id] = reason[:_MAX_REASON]
             self._save()
 
@@ -353,21 +413,9 @@ class Rollout:
     # -- persistence ---------------------------------------------------------------------------
 
     def _save(self) -> None:
-        s = self._s
-        if s is None:
-            return
-        self.ledger.set_rollout_state(s.encode())
-        self.ledger.keep_releases(v for v in (s.version, s.stable) if v is not None)
-        self._changed.notify()
-
-    def _load(self, raw: bytes) -> None:
-        s = RolloutState.decode(raw)
-        release = self.ledger.release(s.version)
-        self._stable = None if s.stable is None else self.ledger.release(s.stable)
-        if release is None:
-            log.warning("rollout/state names release %d, which the ledger no longer holds: starting afresh", s.version)
-            return
-        self._s, self._release = s, release
+        if self._s is not None and self.writable:
+            save_rollout(self.ledger, self._s)
+            self._changed.notify()
 
 
 def releases_behind(applied: int | None, desired: int | None, issued: Sequence[int]) -> int | None:

@@ -319,3 +319,109 @@ def test_nacks_are_counted_and_acks_are_not(h: Any) -> None:
 )
 def test_releases_behind(applied: int | None, desired: int | None, issued: list[int], behind: int | None) -> None:
     assert releases_behind(applied, desired, issued) == behind
+
+
+def shared(reg: Registry, proxy_id: str, seen_ago: float, *, address: str = "127.0.0.1:9081", version: str = "v1",
+           release_version: int | None = None, bundle: str | None = None, error: str | None = None,
+           nacked_version: int | None = None, requests_total: int | None = None) -> bool:  # fmt: skip
+    """A record of `proxy_id` from another replica, `seen_ago` seconds old."""
+    return reg.apply(
+        proxy_id, "reviews", version, address, release_version=release_version, bundle=bundle, error=error,
+        nacked_version=nacked_version, nacked_bundle=None if nacked_version is None else DIGEST_B,
+        requests_total=requests_total, seen_ago=seen_ago,
+    )  # fmt: skip
+
+
+def test_a_record_from_another_replica_registers_the_proxy_with_its_age(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock, ttl=30, forget_after=100)
+    assert shared(reg, "a", 5, release_version=3, bundle=DIGEST_A)
+    entry = reg.get("a")
+    assert entry is not None and not entry.stale and entry.seen == 995.0
+    assert (entry.release_version, entry.bundle) == (3, DIGEST_A)
+    assert reg.endpoints() == (1, {"reviews": {"v1": ["127.0.0.1:9081"]}})
+    clock.now += 26  # 31 s since its contact
+    assert reg.live_ids() == [] and reg.endpoints() == (2, {})
+
+    assert shared(reg, "b", 40)  # older than ttl: known, stale, out of the table
+    entry = reg.get("b")
+    assert entry is not None and entry.stale and reg.endpoints() == (2, {})
+    assert not shared(reg, "c", 101)  # past forget_after: not even known
+    assert reg.get("c") is None
+    assert shared(reg, "d", -3)  # a replica whose clock runs ahead: contact now, never later
+    entry = reg.get("d")
+    assert entry is not None and entry.seen == clock.now
+
+
+def test_a_record_older_than_what_the_registry_holds_changes_nothing(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock)
+    beat(reg, "a", release_version=2, bundle=DIGEST_A)
+    before = reg.get("a")
+    assert not shared(reg, "a", 1, address="127.0.0.1:9999", release_version=5, bundle=DIGEST_B)
+    assert reg.get("a") == before and reg.endpoints()[1] == {"reviews": {"v1": ["127.0.0.1:9081"]}}
+    clock.now += 10
+    assert shared(reg, "a", 1, address="127.0.0.1:9999", release_version=1, bundle=DIGEST_B, error="bad",
+                  nacked_version=4)  # fmt: skip
+    entry = reg.get("a")
+    assert entry is not None and entry.address == "127.0.0.1:9999"
+    assert (entry.release_version, entry.bundle) == (2, DIGEST_A)  # never backwards
+    assert (entry.error, entry.nacked_version, entry.nacked_bundle) == ("bad", 4, DIGEST_B)
+    assert reg.endpoints() == (2, {"reviews": {"v1": ["127.0.0.1:9999"]}})
+
+
+def test_records_keep_the_endpoint_counts_exact(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock)
+    beat(reg, "a", address="127.0.0.1:9081")
+    shared(reg, "b", 0, address="127.0.0.1:9081")  # two proxies, one address
+    assert reg.endpoints()[0] == 1
+    clock.now += 1
+    shared(reg, "b", 0, address="127.0.0.1:9081")  # a plain refresh changes nothing
+    shared(reg, "a", 0, address="127.0.0.1:9081")
+    assert reg.endpoints()[0] == 1
+    clock.now += 1
+    shared(reg, "b", 0, version="v2", address="127.0.0.1:9082")
+    assert reg.endpoints() == (2, {"reviews": {"v1": ["127.0.0.1:9081"], "v2": ["127.0.0.1:9082"]}})
+    assert reg.forget("b") and not reg.forget("b")
+    assert reg.endpoints() == (3, {"reviews": {"v1": ["127.0.0.1:9081"]}})
+    assert reg.forget("a") and reg.endpoints() == (4, {}) and reg.entries() == []
+
+
+def test_an_older_record_takes_its_place_so_sweep_still_finds_the_oldest(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock, ttl=30)
+    beat(reg, "a")
+    clock.now += 10
+    beat(reg, "b")
+    shared(reg, "c", 5)  # last contact at 1005: between a (1000) and b (1010)
+    shared(reg, "d", 1)  # 1009: between c and b too
+    clock.now += 26
+    assert reg.sweep() == ["a", "c"]  # 36 s and 31 s; d 27 s, b 26 s
+    clock.now += 4
+    assert reg.sweep() == ["d"]  # 31 s; b exactly ttl
+    clock.now += 1
+    assert reg.sweep() == ["b"]
+
+def test_a_record_carries_the_request_count_into_the_rate(h: Any) -> None:
+    clock = h.Clock(1000.0)
+    reg = registry(clock)
+    shared(reg, "a", 0, requests_total=100)
+    clock.now += 10
+    shared(reg, "a", 0)  # a report: no count
+    clock.now += 10
+    shared(reg, "a", 0, requests_total=300)
+    entry = reg.get("a")
+    assert entry is not None and entry.request_rate() == 10.0
+
+
+def test_a_malformed_record_is_refused_and_changes_nothing(h: Any) -> None:
+    reg = registry(h.Clock(1000.0), max_proxies=1)
+    with pytest.raises(InvalidRegistration, match="nacked_version"):
+        shared(reg, "a", 0, error="bad", nacked_version=-1)
+    with pytest.raises(InvalidRegistration, match="address"):
+        shared(reg, "a", 0, address="nowhere")
+    assert reg.entries() == []
+    shared(reg, "a", 0)
+    with pytest.raises(RegistryFull):
+        shared(reg, "b", 0)
