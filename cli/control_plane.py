@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
+import urllib.parse
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import click
 
@@ -16,7 +19,7 @@ from starmesh.cli.options import make_state_dir
 
 __all__ = ["control_plane_command", "parse_ttl"]
 
-HA_LATER = "comes with the high-availability issue (9); until then state lives in --state-dir"
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _TTL = re.compile(r"^([0-9]{1,9})(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -171,7 +174,33 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
     metavar="DURATION",
     help="How long a proxy certificate is valid (24h, 90m, 7d); proxies renew at half life [default: 24h]. Needs --ca.",
 )
-@click.option("--store", metavar="etcd://HOST:PORT,...", help="Keep state in etcd (high-availability issue 9).")
+@click.option(
+    "--store",
+    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    help="Keep the state in etcd rather than --state-dir, so several replicas can run: one leads "
+    "(an etcd lease) and compiles, signs and rolls out; all serve proxies. See docs/ha.md.",
+)
+@click.option(
+    "--replica-id",
+    metavar="ID",
+    envvar="STARMESH_REPLICA_ID",
+    help="This replica's name among the others (1-64 of letters, digits, '.', '_', '-') "
+    "[default: the host name]. Needs --store. Also read from STARMESH_REPLICA_ID.",
+)
+@click.option(
+    "--advertise-url",
+    metavar="URL",
+    help="Where the other replicas reach this one (followers forward rollbacks to the leader) "
+    "[default: http(s)://the bound --listen address]. Needs --store.",
+)
+@click.option(
+    "--leader-ttl",
+    type=click.FloatRange(min=1.0, max=300.0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="The leader's etcd lease: a dead leader is replaced within about this long. Needs --store.",
+)
 def control_plane_command(
     repo: str,
     branch: str,
@@ -187,6 +216,9 @@ def control_plane_command(
     join_token: str | None,
     cert_lifetime: str | None,
     store: str | None,
+    replica_id: str | None,
+    advertise_url: str | None,
+    leader_ttl: float,
 ) -> None:
     """Follow BRANCH of a policy repository and serve signed releases to proxies.
 
@@ -226,8 +258,7 @@ def control_plane_command(
       starmesh ca init --trust-domain cluster.local --out ca
       starmesh control-plane ... --ca ca --join-token "$(cat join-token)"
     """
-    if store is not None:
-        raise InputError(f"--store {HA_LATER}")
+    replica = _check_replication(store, replica_id, advertise_url, leader_ttl)
     from starmesh.reconciler.watch import check_branch
     from starmesh.runtime.endpoints import parse_address
 
@@ -270,5 +301,31 @@ def control_plane_command(
         ca=ca,
         join_token=join_token,
         cert_lifetime=lifetime,
+        **replica,
     )
     sys.exit(run_control_plane(config))
+
+
+def _check_replication(
+    store: str | None, replica_id: str | None, advertise_url: str | None, leader_ttl: float
+) -> dict[str, Any]:
+    """The HA settings for ControlPlaneConfig; InputError for a bad one or one without --store."""
+    if store is None:
+        given = [name for name, value in (("--replica-id", replica_id), ("--advertise-url", advertise_url)) if value]
+        if given:
+            raise InputError(f"{' and '.join(given)} need --store etcd://HOST:PORT,... (high availability)")
+        return {}
+    from starmesh.reconciler.etcd_client import parse_etcd_url
+
+    try:
+        parse_etcd_url(store)
+    except ValueError as exc:
+        raise InputError(f"--store: {exc}") from None
+    replica = replica_id or socket.gethostname()
+    if not _REPLICA_ID.fullmatch(replica):
+        raise InputError(f"--replica-id {replica[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    if advertise_url is not None:
+        parts = urllib.parse.urlsplit(advertise_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise InputError(f"--advertise-url {advertise_url!r}: give http(s)://HOST:PORT (how other replicas reach this one)")
+    return {"store": store, "replica_id": replica, "advertise_url": advertise_url, "leader_ttl": leader_ttl}

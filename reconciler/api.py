@@ -40,9 +40,9 @@ import asyncio
 import contextlib
 import functools
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -50,12 +50,22 @@ from aiohttp.typedefs import Handler
 
 from starmesh.bundle.canonical import is_digest
 from starmesh.reconciler.certificates import MeshIdentity, caller_mismatch, issue_route, require_svid
-from starmesh.reconciler.errors import InvalidRegistration, RegistryFull, StoreError, UnknownBundle
+from starmesh.reconciler.errors import (
+    InvalidRegistration,
+    NotLeader,
+    ReconcilerError,
+    RegistryFull,
+    StoreError,
+    UnknownBundle,
+)
 from starmesh.reconciler.ledger import Ledger
 from starmesh.reconciler.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from starmesh.reconciler.model import CompileStatus
 from starmesh.reconciler.registry import Registry, check_proxy_id
 from starmesh.reconciler.rollout import Rollout
+
+if TYPE_CHECKING:  # ha.py carries the etcd client: loaded only with --store
+    from starmesh.reconciler.ha import Forwarded
 
 __all__ = ["DEFAULT_WAIT", "MAX_BODY", "MAX_LONG_POLLS", "MAX_WAIT", "ApiDeps", "make_app"]
 
@@ -70,7 +80,7 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class ApiDeps:
     """What the API serves from. `ready` is None when ready, else why not (the 503 body);
-    `extra_status` adds keys to `/v1/status` (the HA issue's "control_plane"). `metrics`
+    `extra_status` adds keys to `/v1/status` (with `--store`, "control_plane"). `metrics`
     are served at `/metrics`, its gauges bound to the registry, rollout and ledger here;
     without it the app makes its own (then only the gauges move: the events are
     counted by whoever was given the metrics)."""
@@ -82,6 +92,10 @@ class ApiDeps:
     ready: Callable[[], str | None]
     extra_status: Callable[[], dict[str, object]] = dict
     metrics: ControlPlaneMetrics | None = None
+    on_proxy_change: Callable[[str], None] = lambda _proxy_id: None
+    """Called after a heartbeat or report changed a proxy here (HA: share its record)."""
+    forward: Callable[[str, bytes], Awaitable[Forwarded]] | None = None
+    """HA: send a follower's write request (rollback) to the leader; None: this process decides."""
 
 
 class _Heartbeat(msgspec.Struct, frozen=True):
@@ -223,6 +237,7 @@ def make_app(
             raise _Problem(400, str(exc)) from None
         except RegistryFull as exc:
             raise _Problem(503, str(exc), retry_after=30) from None
+        deps.on_proxy_change(proxy_id)
         return _json({"heartbeat_seconds": registry.heartbeat_seconds, "ttl_seconds": registry.ttl})
 
     async def report(request: web.Request) -> web.Response:
@@ -238,6 +253,7 @@ def make_app(
                 404, f"proxy {proxy_id} is not registered (or was forgotten): POST /v1/proxies/{proxy_id} first"
             ) from None
         rollout.on_report(proxy_id, sent.version, sent.bundle, sent.error)
+        deps.on_proxy_change(proxy_id)
         entry = registry.get(proxy_id)
         return _json({"state": None if entry is None else rollout.state_of(entry)})
 
@@ -265,10 +281,18 @@ def make_app(
         asked = await _body(request, _Rollback, "rollback request")
         if not is_digest(asked.to):
             raise _Problem(400, f"\"to\" {asked.to[:80]!r} is not a bundle digest like sha256:<64 lowercase hex>")
+        if deps.forward is not None and not rollout.writable:  # a follower: the leader signs
+            try:
+                answer = await deps.forward("/v1/rollback", msgspec.json.encode(asked))
+            except ReconcilerError as exc:
+                raise _Problem(503, f"this replica follows and cannot forward the rollback: {exc}", retry_after=5) from None
+            return web.Response(status=answer.status, body=answer.body, content_type="application/json")
         try:
             record = rollout.rollback(asked.to)
         except UnknownBundle as exc:
             raise _Problem(404, f"cannot roll back to {asked.to}: {exc}") from None
+        except NotLeader as exc:
+            raise _Problem(503, f"this replica just stopped leading: {exc}; try again", retry_after=5) from None
         return _json({"release": record.to_json()})
 
     async def metrics_text(_: web.Request) -> web.Response:

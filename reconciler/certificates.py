@@ -280,14 +280,15 @@ def _refusal(status: int, message: str, *, headers: dict[str, str] | None = None
 # -- the server's own certificate ----------------------------------------------------------
 
 
-def server_hosts(listen_host: str) -> list[str]:
+def server_hosts(listen_host: str, advertised: str | None = None) -> list[str]:
     """The names the server certificate covers: the listen host (a wildcard address
-    stands for this machine's name) and the loopback names."""
+    stands for this machine's name), the host other replicas reach it at (`--advertise-url`)
+    and the loopback names."""
     wildcard = listen_host in ("", "0.0.0.0", "::")  # noqa: S104 - recognising, not binding
     machine = socket.gethostname()
     first = ([machine] if _DNS_NAME.fullmatch(machine) else []) if wildcard else [listen_host]
     hosts: list[str] = []
-    for host in [*first, "localhost", "127.0.0.1", "::1"]:
+    for host in [*first, *([advertised] if advertised else []), "localhost", "127.0.0.1", "::1"]:
         if host and host not in hosts:
             hosts.append(host)
     return hosts

@@ -11,12 +11,17 @@
     api.make_app ─────► AppRunner/TCPSite on --listen (and /metrics)
     --ca DIR            load_ca ─► MeshIdentity (join token, --cert-lifetime) for the API,
                         ServerTLS: HTTPS with a mesh-CA server certificate, renewed at half life
+    --store etcd://...  ha.Replication: the store is etcd (a mirror kept by a watch), not
+                        store/; the reconcile loop and the repo watcher run only while this
+                        replica leads (election); followers serve the API from the mirror
 
 What it prints on stdout, one line each, flushed (tests and `starmesh up` read it):
 
     listening 127.0.0.1:8080                   the bound address (port 0 picks one)
     ready release 3 sha256:<hex>               after the first reconcile pass, or
     not ready: <why>                           then `ready ...` once a release exists
+    role leader                                with --store: whenever the role changes
+    role follower (leader r1)
 
 Without `--ca` the API is plain HTTP; with it, HTTPS (certificates.py), and a log line
 says so. It is ready (`/readyz` 200) once it can serve a release, compiled now or loaded
@@ -30,13 +35,16 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiohttp import web
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.keys import PrivateKey, load_private_key
@@ -58,8 +66,11 @@ from starmesh.reconciler.reconcile import Reconciler, ReconcileResult
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
 from starmesh.reconciler.source import RepoSource
-from starmesh.reconciler.store import FileStore
+from starmesh.reconciler.store import FileStore, Store
 from starmesh.reconciler.watch import RepoWatcher
+
+if TYPE_CHECKING:  # ha.py carries the etcd client: loaded only with --store
+    from starmesh.reconciler.ha import Replication
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "run_control_plane"]
 
@@ -85,6 +96,10 @@ class ControlPlaneConfig:
     cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME
     tick_interval: float = 1.0
     shutdown_timeout: float = 1.0  # seconds in-flight requests (long-polls) get at stop
+    store: str | None = None  # etcd://HOST:PORT,...: high availability (state in etcd, not state_dir/store)
+    replica_id: str = "control-plane"  # with store: this replica's name among the others
+    advertise_url: str | None = None  # with store: where the other replicas reach this one (default: --listen)
+    leader_ttl: float = 10.0  # with store: the leader lease, seconds (failover time vs false failovers)
 
 
 class ControlPlane:
@@ -94,7 +109,17 @@ class ControlPlane:
         self.config = config
         self.out = out
         self.identity = _mesh_identity(config)  # first: a bad --ca or token touches no state
-        self.ledger = Ledger(FileStore(config.state_dir / "store"))
+        self.replication: Replication | None = None
+        store: Store
+        if config.store is None:
+            store = FileStore(config.state_dir / "store")
+        else:
+            from starmesh.reconciler.ha import ReplicaSettings, Replication
+
+            self.replication = Replication(ReplicaSettings(config.store, config.replica_id, config.leader_ttl))
+            self.replication.open()  # the mirror: every read below comes from it
+            store = self.replication.store.fenced(self.replication.fence)
+        self.ledger = Ledger(store)
         self.metrics = ControlPlaneMetrics()  # served at /metrics; the parts report their events to it
         signer = key if key is not None else load_private_key(config.key)
         self.issuer = Issuer(self.ledger, signer, ttl=config.release_ttl, metrics=self.metrics)
@@ -102,7 +127,7 @@ class ControlPlane:
         # table; a first start (nothing released yet) has no earlier proxies to protect.
         fresh = self.ledger.current() is None
         self.registry = Registry(ttl=config.proxy_ttl, warmup=0.0 if fresh else None, metrics=self.metrics)
-        self.rollout = Rollout(self.ledger, self.issuer, self.registry)
+        self.rollout = Rollout(self.ledger, self.issuer, self.registry, writable=self.replication is None)
         self.source = RepoSource(config.repo, config.branch, config.state_dir)
         self.reconciler = Reconciler(
             self.source,
@@ -125,6 +150,8 @@ class ControlPlane:
         self._renew_task: asyncio.Task[None] | None = None
         self._said_status = False
         self._said_ready = False
+        self._loop_stop = asyncio.Event()
+        self._role_task: asyncio.Task[None] | None = None
 
     # -- readiness -------------------------------------------------------------------
 
@@ -145,7 +172,7 @@ class ControlPlane:
             )
         return f"no release yet: {last.detail}"
 
-    def _after_pass(self, result: ReconcileResult) -> None:
+    def _after_pass(self, result: ReconcileResult | None) -> None:
         """Say `ready ...` or `not ready: ...` after the first pass, and `ready` once a release exists."""
         if self._said_ready:
             return
@@ -170,8 +197,10 @@ class ControlPlane:
             rollout=self.rollout,
             last_compile=self.ledger.last_compile,
             ready=self.not_ready_reason,
-            extra_status=lambda: {"reconciler": self.reconciler.to_json()},
+            extra_status=self._extra_status,
             metrics=self.metrics,
+            on_proxy_change=self.replication.published if self.replication is not None else _nothing,
+            forward=self.replication.forward if self.replication is not None else None,
         )
         app = make_app(deps, identity=self.identity)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_timeout)
@@ -179,7 +208,7 @@ class ControlPlane:
         self._runner = runner
         host, port = _split(self.config.listen)
         if self.identity is not None:
-            self.tls = ServerTLS(self.identity.ca, server_hosts(host))
+            self.tls = ServerTLS(self.identity.ca, server_hosts(host, _advertised_host(self.config.advertise_url)))
         try:
             await web.TCPSite(runner, host, port, ssl_context=None if self.tls is None else self.tls.context).start()
         except OSError as exc:
@@ -199,15 +228,94 @@ class ControlPlane:
             )
         else:
             log.info("serving plain http://%s (no --ca: no TLS, no mesh certificates)", self.address)
-        log.info("following %s branch %s; state in %s", self.config.repo, self.config.branch, self.config.state_dir)
+        if self.replication is None:
+            log.info("following %s branch %s; state in %s", self.config.repo, self.config.branch, self.config.state_dir)
+            await self._lead()
+            return
+        log.info("replica %s of the control plane on %s; following %s branch %s once it leads",
+                 self.config.replica_id, self.config.store, self.config.repo, self.config.branch)  # fmt: skip
+        self.replication.start(
+            self.config.advertise_url or self._default_url(),
+            self.registry,
+            self.rollout,
+            on_change=self._role_changed,
+            on_release=lambda: self._after_pass(None),
+            client_ssl=self._client_ssl(),
+        )
+        self._after_pass(None)  # a release in the store: ready at once
+
+    async def _lead(self) -> None:
+        """Run the reconcile loop and the repo watcher (always without --store; while leading with it)."""
+        self._loop_stop = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(
-            self.reconciler.run(self.stopping), name="starmesh-reconcile"
+            self.reconciler.run(self._loop_stop), name="starmesh-reconcile"
         )
         await self.watcher.start()
+
+    async def _follow(self) -> None:
+        """Stop the loop and the watcher: another replica leads (or none, for now)."""
+        self._loop_stop.set()
+        await self.watcher.stop()
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            done, _ = await asyncio.wait([task], timeout=self.config.shutdown_timeout)
+            if not done:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _role_changed(self, leading: bool) -> None:
+        """The election moved (on the loop): lead or follow, one change after the other."""
+        previous = self._role_task
+
+        async def change() -> None:
+            if previous is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await previous
+            if self.stopping.is_set():
+                return
+            if leading:
+                self.rollout.set_writable(True)  # reloads: the rollout continues where the store has it
+                await self._lead()
+                self._say("role leader")
+            else:
+                await self._follow()
+                self.rollout.set_writable(False)
+                election = self.replication.election if self.replication is not None else None
+                info = election.leader() if election is not None else None
+                self._say(f"role follower (leader {info.id if info is not None else 'none yet'})")
+
+        self._role_task = asyncio.get_running_loop().create_task(change(), name="starmesh-role")
+
+    def _extra_status(self) -> dict[str, object]:
+        extra: dict[str, object] = {"reconciler": self.reconciler.to_json()}
+        if self.replication is not None:
+            extra["control_plane"] = self.replication.to_json()
+        return extra
+
+    def _default_url(self) -> str:
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.address}"
+
+    def _client_ssl(self) -> ssl.SSLContext | None:
+        """How a follower trusts the leader it forwards to: the mesh root (with --ca)."""
+        if self.identity is None:
+            return None
+        context = ssl.create_default_context()
+        context.load_verify_locations(cadata=self.identity.ca.certificate.public_bytes(Encoding.PEM).decode("ascii"))
+        return context
 
     async def stop(self) -> None:
         """Stop the watcher, the loop and the listener; safe after a failed start."""
         self.stopping.set()
+        self._loop_stop.set()
+        role, self._role_task = self._role_task, None
+        if role is not None:
+            role.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await role
+        if self.replication is not None:
+            await self.replication.stop()
         self.source.close()
         await self.watcher.stop()
         renewing, self._renew_task = self._renew_task, None
@@ -249,6 +357,31 @@ class ControlPlane:
         return 0
 
 
+def _raise_open_files_limit() -> None:
+    """Every proxy holds two long-polls open: lift the soft limit on open files to the hard one
+    (a soft limit of 1,024 would cap a replica near 500 proxies)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit above %d: %s", soft, exc)
+    log.debug("open files limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE))
+
+
+def _advertised_host(url: str | None) -> str | None:
+    """The host in `--advertise-url` (the server certificate covers it: followers forward there)."""
+    return None if url is None else urllib.parse.urlsplit(url).hostname
+
+
+def _nothing(_: str) -> None:
+    return None
+
+
 def _mesh_identity(config: ControlPlaneConfig) -> MeshIdentity | None:
     """The mesh CA, join token and certificate lifetime, when `--ca` is given (CAError,
     ReconcilerError otherwise, saying what is wrong)."""
@@ -281,6 +414,8 @@ def run_control_plane(config: ControlPlaneConfig, *, out: TextIO = sys.stdout) -
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
+
+    _raise_open_files_limit()
 
     async def main() -> int:
         try:

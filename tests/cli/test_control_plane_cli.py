@@ -69,7 +69,11 @@ def base(repo: Path, key: Path, state: Path) -> list[str]:
         (["--ca", "ca"], "--ca needs --join-token TOKEN"),
         (["--join-token", "t" * 16], "--join-token needs --ca DIR"),
         (["--cert-lifetime", "1h"], "--cert-lifetime needs --ca DIR and --join-token"),
-        (["--store", "etcd://127.0.0.1:2379"], "--store comes with the high-availability issue (9)"),
+        (["--store", "http://127.0.0.1:2379"], "--store: 'http://127.0.0.1:2379' is not an etcd URL"),
+        (["--store", "etcd://127.0.0.1"], "--store: 'etcd://127.0.0.1': '127.0.0.1' is not HOST:PORT"),
+        (["--store", "etcd://127.0.0.1:2379", "--replica-id", "a b"], "--replica-id 'a b': use 1-64 letters"),
+        (["--store", "etcd://127.0.0.1:2379", "--advertise-url", "ftp://x:1"], "--advertise-url 'ftp://x:1': give"),
+        (["--replica-id", "r1"], "--replica-id need --store"),
         (["--listen", "localhost"], "--listen: 'localhost' is not HOST:PORT"),
         (["--listen", "127.0.0.1:99999"], "--listen: '127.0.0.1:99999': port 99999"),
         (["--branch", "a..b"], "--branch: 'a..b' is not a valid branch name"),
@@ -166,7 +170,7 @@ def test_help_names_every_option_and_shows_an_example() -> None:
     assert result.exit_code == 0
     for option in ("--repo", "--branch", "--key", "--state-dir", "--listen", "--subdir", "--entry",
                    "--poll-interval", "--proxy-ttl", "--release-ttl", "--ca", "--join-token", "--cert-lifetime",
-                   "--store"):
+                   "--store", "--replica-id", "--advertise-url", "--leader-ttl"):
         assert option in result.stdout
     assert "Example:" in result.stdout and "starmesh control-plane --repo" in result.stdout
 

@@ -162,8 +162,10 @@ class Fleet:
         ca: Path | None = None,
         join_token: str | None = None,
         cert_lifetime: str | None = None,
+        state_dir: Path | None = None,
     ) -> ControlPlane:
-        """A control plane on the fleet's repo; with `ca` (and `join_token`) it issues workload certificates."""
+        """A control plane on the fleet's repo; with `ca` (and `join_token`) it issues workload
+        certificates. `state_dir`: its own (a replica of several, `--store`), else the fleet's."""
         if ca is not None:
             extra = [*extra, "--ca", str(ca)]
         if join_token is not None:
@@ -173,7 +175,7 @@ class Fleet:
         argv = [
             sys.executable, "-m", "starmesh.cli", "control-plane",
             "--repo", str(self.repo), "--branch", "main", "--key", str(key or self.key),
-            "--state-dir", str(self.cp_state), "--listen", listen,
+            "--state-dir", str(state_dir or self.cp_state), "--listen", listen,
             "--poll-interval", "1", "--proxy-ttl", "3",
             *extra,
         ]  # fmt: skip
