@@ -1,8 +1,9 @@
 """`starmesh status`: what the control plane serves and what every proxy runs.
 
-    starmesh status ──GET /v1/status──► control plane
-                    ◄── {"release", "last_compile", "rollout", "proxies": [...]} ──┘
-                    text: summary lines + a table of proxies;  json: the answer, pretty-printed
+    starmesh status ──GET /v1/status──► control plane (the first --control-plane that answers)
+                    ◄── {"release", "last_compile", "rollout", "proxies": [...],
+                         "control_plane": {...} (replicas on etcd only)} ──┘
+                    text: summary lines + replicas + a table of proxies;  json: the answer, pretty-printed
     --watch [S]     again every S seconds (2) until Ctrl-C: redrawn in place on a terminal
                     (rich Live), else a fresh table (or one JSON document per line) each time
 
@@ -12,11 +13,18 @@ request rate and its last NACK reason; rows that are behind, failed or stale sta
 out in colour. Ages come from the control plane's own clock (`last_seen_seconds_ago`),
 so a skewed local clock cannot make a proxy look fresh or stale.
 
+With replicas (`control-plane --store`), `--control-plane` is given once per replica:
+they are asked in order until one answers, and the answer's `control_plane` object adds
+which replica answered, the leader (or the warning that there is none), the store's
+state (or the warning that it is read-only) and a table of replicas above the proxies
+(`starmesh.cli.status_replicas`).
+
 The command reports; it does not judge. It exits 0 whenever the control plane answered
 a well-formed status, however unhealthy the mesh looks (failed proxies, a rejected
 commit, a halted rollout): scripts read `--format json` and decide. Exit 2 when the
 control plane cannot be reached, answers an HTTP error, or answers something that is
-not a status document; the message names the URL and the reason. While watching, only
+not a status document; the message names the URL and the reason (every URL's, when
+none of several answered). While watching, only
 the first answer decides that: a later failure is shown, and the next refresh tries
 again. Ctrl-C ends a watch with exit 0.
 
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +48,15 @@ from rich.text import Text
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import Answer, call_control_plane, printable
 from starmesh.cli.errors import InputError
-from starmesh.cli.options import ca_cert_option, control_plane_option, format_option
+from starmesh.cli.options import ca_cert_option, format_option
+from starmesh.cli.status_replicas import (
+    ControlPlaneInfo,
+    Reached,
+    ReplicaURLs,
+    control_plane_lines,
+    control_planes_option,
+    replica_table,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -135,6 +151,7 @@ class StatusDocument(msgspec.Struct, frozen=True):
     proxies: list[_Proxy]
     rollout: _Rollout | None = None
     reconciler: _Reconciler | None = None
+    control_plane: ControlPlaneInfo | None = None
 
 
 def parse_status(answer: Answer) -> tuple[StatusDocument, Any]:
@@ -213,17 +230,22 @@ def _rollout(rollout: _Rollout) -> list[str]:
     return [printable(line) for line in lines]
 
 
-def render_status(console: Console, doc: StatusDocument, *, url: str, now: datetime) -> None:
+def render_status(console: Console, doc: StatusDocument, *, url: str, now: datetime, skipped: Sequence[str] = ()) -> None:
     """The summary lines and the proxy table (`now` makes "last seen" ages)."""
-    console.print(status_view(doc, url=url, now=now))
+    console.print(status_view(doc, url=url, now=now, skipped=skipped))
 
 
-def status_view(doc: StatusDocument, *, url: str, now: datetime) -> Group:
-    """The summary lines and the proxy table, as one renderable (printed, or live-updated)."""
+def status_view(doc: StatusDocument, *, url: str, now: datetime, skipped: Sequence[str] = ()) -> Group:
+    """The summary lines, the replicas and the proxy table, as one renderable (printed, or
+    live-updated); `skipped`: why the URLs asked before `url` did not answer."""
     lines: list[RenderableType] = [Text(printable(f"control plane  {url}"))]
+    lines.extend(Text(printable(f"  skipped: {why}"), style="yellow") for why in skipped)
 
     def say(line: str) -> None:
         lines.append(Text(printable(line)))
+
+    if doc.control_plane is not None:
+        lines.extend(control_plane_lines(doc.control_plane))
 
     release, loop = doc.release, doc.reconciler
     if loop is not None and loop.repo:
@@ -254,6 +276,8 @@ def status_view(doc: StatusDocument, *, url: str, now: datetime) -> Group:
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     behind = sum(1 for proxy in doc.proxies if (proxy.releases_behind or 0) > 0)
     say(f"proxies        {len(doc.proxies)}" + (f": {summary}" if summary else "") + (f"; {behind} behind" if behind else ""))
+    if doc.control_plane is not None and doc.control_plane.replicas:
+        lines += [Text(""), replica_table(doc.control_plane, now, _ago)]
     if doc.proxies:
         lines += [Text(""), _proxy_table(doc.proxies, now)]
     return Group(*lines)
@@ -311,8 +335,12 @@ def _row_style(proxy: _Proxy) -> str | None:
 # -- the command ------------------------------------------------------------------------
 
 
+Answered = Reached[tuple[StatusDocument, Any]]
+"""A status document (typed and raw), the replica that answered, and the ones skipped."""
+
+
 @click.command("status")
-@control_plane_option
+@control_planes_option
 @format_option("text for people, json (the answer as received, pretty-printed) for tools.")
 @click.option(
     "--watch",
@@ -326,7 +354,7 @@ def _row_style(proxy: _Proxy) -> str | None:
 @ca_cert_option
 @click.pass_context
 def status_command(
-    ctx: click.Context, url: str, output_format: str, watch: float | None, ca_cert: Path | None
+    ctx: click.Context, urls: tuple[str, ...], output_format: str, watch: float | None, ca_cert: Path | None
 ) -> None:
     """Show the control plane's release, last compile, rollout and every proxy's state.
 
@@ -337,48 +365,57 @@ def status_command(
     does not judge: exit 0 whenever the control plane answered, 2 when it cannot be
     reached or its answer is not a status document.
 
+    With replicas (control-plane --store), give --control-plane once per replica: they
+    are asked in order until one answers (the one that answered is named, with why the
+    others did not), and the status adds the leader, the replicas and the store's state.
+
     \b
     Examples:
       starmesh status --control-plane http://127.0.0.1:8080
+      starmesh status --control-plane https://cp-0:8443 --control-plane https://cp-1:8443 --ca-cert ca.crt
       starmesh status --control-plane http://127.0.0.1:8080 --watch
       starmesh status --control-plane http://127.0.0.1:8080 --format json | jq '.proxies[] | select(.state != "synced")'
     """
     consoles = ctx.find_object(Consoles) or Consoles.for_process()
+    replicas = ReplicaURLs(urls)
 
-    def fetch() -> tuple[StatusDocument, Any]:
-        return parse_status(call_control_plane(url, "/v1/status", ca_cert=ca_cert))
+    def fetch() -> Answered:
+        return replicas.ask(lambda url: parse_status(call_control_plane(url, "/v1/status", ca_cert=ca_cert)))
 
     first = fetch()  # exit 2 here when there is nothing to watch
     try:
         if watch is None:
-            _show(consoles.out, first, url=url, output_format=output_format, compact=False)
+            _show(consoles, first, output_format=output_format, compact=False)
         elif output_format == "text" and _is_terminal(consoles.out):
-            _watch_live(consoles.out, fetch, first, url=url, interval=watch)
+            _watch_live(consoles.out, fetch, first, interval=watch)
         else:
-            _watch_lines(consoles, fetch, first, url=url, output_format=output_format, interval=watch)
+            _watch_lines(consoles, fetch, first, output_format=output_format, interval=watch)
     except KeyboardInterrupt:  # Ctrl-C ends a watch: exit 0 (click would say "Aborted!", exit 1)
         return
 
 
-def _show(console: Console, answer: tuple[StatusDocument, Any], *, url: str, output_format: str, compact: bool) -> None:
-    doc, raw = answer
+def _show(consoles: Consoles, answer: Answered, *, output_format: str, compact: bool) -> None:
+    """Text: the view (skipped replicas in it); json: the document, skipped replicas on stderr."""
+    doc, raw = answer.value
+    console = consoles.out
     if output_format == "json":
+        for why in answer.skipped:
+            consoles.err.print(Text(printable(f"starmesh: warning: skipped: {why}")))
         text = json.dumps(raw, ensure_ascii=False, separators=(",", ":")) if compact else json.dumps(raw, indent=2, ensure_ascii=False)
         console.file.write(text + "\n")
     else:
-        render_status(console, doc, url=url, now=datetime.now(UTC))
+        render_status(console, doc, url=answer.url, now=datetime.now(UTC), skipped=answer.skipped)
     console.file.flush()
 
 
 def _watch_lines(
-    consoles: Consoles, fetch: Callable[[], tuple[StatusDocument, Any]], first: tuple[StatusDocument, Any],
-    *, url: str, output_format: str, interval: float,
+    consoles: Consoles, fetch: Callable[[], Answered], first: Answered, *, output_format: str, interval: float,
 ) -> None:  # fmt: skip
     """Not a terminal (or JSON): a fresh table, or one compact JSON document per line, each interval."""
-    answer: tuple[StatusDocument, Any] | None = first
+    answer: Answered | None = first
     while True:
         if answer is not None:
-            _show(consoles.out, answer, url=url, output_format=output_format, compact=True)
+            _show(consoles, answer, output_format=output_format, compact=True)
             if output_format == "text":
                 consoles.out.file.write("\n")
                 consoles.out.file.flush()
@@ -390,22 +427,19 @@ def _watch_lines(
             answer = None
 
 
-def _watch_live(
-    console: Console, fetch: Callable[[], tuple[StatusDocument, Any]], first: tuple[StatusDocument, Any],
-    *, url: str, interval: float,
-) -> None:  # fmt: skip
+def _watch_live(console: Console, fetch: Callable[[], Answered], first: Answered, *, interval: float) -> None:
     """A terminal: the status redrawn in place every interval (rich Live), the last one left on screen."""
     from rich.live import Live
 
     if not console.is_terminal:  # NO_COLOR on a terminal: still redraw in place, without colour
         console = Console(file=console.file, force_terminal=True, no_color=True, highlight=False, markup=False, emoji=False)
 
-    def view(answer: tuple[StatusDocument, Any], problem: str | None) -> Group:
+    def view(answer: Answered, problem: str | None) -> Group:
         now = datetime.now(UTC)
         when = f"{now:%H:%M:%S} UTC"
         footer = (Text(f"{when}, every {interval:g}s; Ctrl-C to stop", style="dim") if problem is None
                   else Text(f"{when}: {problem}; trying again in {interval:g}s", style="red"))  # fmt: skip
-        return Group(status_view(answer[0], url=url, now=now), Text(""), footer)
+        return Group(status_view(answer.value[0], url=answer.url, now=now, skipped=answer.skipped), Text(""), footer)
 
     answer, problem = first, None
     with Live(view(first, None), console=console, auto_refresh=False, vertical_overflow="visible") as live:
