@@ -1,0 +1,73 @@
+"""bench/fleet.py: a smoke run on a tiny fleet produces its numbers and stops everything.
+
+No timing is asserted; the run only has to converge, count one fetch per proxy per
+release, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+STARMESH = Path(sys.executable).with_name("starmesh")
+
+
+def _running_with(text: str) -> list[str]:
+    """Command lines of live processes that mention `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+def _ha_supported() -> bool:
+    text = subprocess.run([str(STARMESH), "control-plane", "--help"], capture_output=True, text=True, timeout=60).stdout
+    return all(flag in text for flag in ("--store", "--replica-id", "--advertise-url"))
+
+
+def _smoke(tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "fleet.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "fleet.py"), "--proxies", "5", "--releases", "2", "--idle", "0.2",
+         *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| 5 |" in run.stdout and "fetches / (proxy·release)" in run.stdout, run.stdout
+    raw: dict[str, object] = json.loads(out.read_text())
+    assert not _running_with("starmesh-fleet-"), "the bench left processes running"
+    return raw
+
+
+@pytest.mark.slow
+def test_fleet_bench_on_one_replica_measures_releases_and_stops_everything(tmp_path: Path) -> None:
+    raw = _smoke(tmp_path, "--replicas", "1", "--store", "file")
+    (result,) = raw["results"]  # type: ignore[misc]
+    assert (result["proxies"], result["replicas"], result["store"]) == (5, 1, "file")
+    assert len(result["releases"]) == 2 and all(r["seconds"] > 0 and len(r["cpu"]) == 1 for r in result["releases"])
+    assert result["fetches"] == 15 and result["fetches_per_proxy_release"] == 1.0  # 5 proxies, releases 1-3
+    assert result["status_synced"] == 5 and result["nacks"] == 0
+    assert all(mb > 0 for mb in result["rss_before_mb"] + result["rss_after_mb"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/bin/etcd"), reason="needs etcd (apt install etcd-server)")
+def test_fleet_bench_on_three_replicas_and_etcd(tmp_path: Path) -> None:
+    if not _ha_supported():
+        pytest.skip("starmesh control-plane has no --replica-id/--advertise-url yet")
+    raw = _smoke(tmp_path, "--replicas", "3", "--store", "etcd")
+    (result,) = raw["results"]  # type: ignore[misc]
+    assert (result["replicas"], result["store"]) == (3, "etcd")
+    assert result["fetches_per_proxy_release"] == 1.0 and result["status_synced"] == 5
+    assert result["etcd"]["rss_mb"] > 0
