@@ -5,11 +5,18 @@
     reconcile      Reconciler: tip -> compile -> store -> issue -> roll out, one pass at a time
     diagnostics    the findings `last_compile` keeps for a rejected commit (bounded)
     store          Store, FileStore: durable bytes by key under --state-dir
+    etcd_client    the --store URL; calls that fail over between etcd members
+    etcd_store     EtcdStore: the Store on etcd, read from a mirror (etcd_mirror) kept by a watch
+    election       LeaderElection: one leader on an etcd lease; its fence guards every write
+    replicas       ReplicaSet: each replica's record on its own lease
+    registry_sync  RegistrySync: proxies' registrations shared between replicas through etcd
+    ha             Replication: those parts put together for one replica (--store)
     ledger         Ledger: bundles, releases, versions, compile status on a Store
     issuer         Issuer: allocate a version, sign, record
     registry       Registry: proxies' heartbeats and reports, the endpoint table
     rollout        Rollout: which release each proxy gets (canary, bake, promote, halt)
     rollout_state  RolloutPolicy, RolloutState: what a rollout is asked, what it persisted
+    rollout_load   reading and writing a rollout's state through the ledger (leader and followers)
     change_signal  ChangeSignal: wakes the long-polls (endpoints, releases) on a change
     metrics        ControlPlaneMetrics: compiles, releases, NACKs, rollout as Prometheus text;
                    the Metrics base (NO_METRICS) records nothing
@@ -17,7 +24,7 @@
     service        ControlPlane, run_control_plane: the process
     model          the records the parts pass each other; errors: the exception tree
 
-docs/design/issue4-interfaces.md draws how they fit.
+docs/design/issue4-interfaces.md draws how they fit; issue9-interfaces.md the replicas.
 """
 
 # Names resolve on first use (PEP 562): importing one submodule does not import
