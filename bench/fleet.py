@@ -52,6 +52,7 @@ from starmesh.bundle.keys import load_public_key
 from starmesh.runtime.fleet import Fleet, FleetConfig, FleetError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import BenchError, Children, git, starmesh, wait_line  # noqa: E402
 from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 __all__ = ["main", "run"]
@@ -72,88 +73,19 @@ CONVERGE_TIMEOUT = 60.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class BenchError(Exception):
-    """Something did not start or did not converge; the message says what."""
-
-
-def _starmesh() -> list[str]:
-    exe = Path(sys.executable).with_name("starmesh")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "starmesh.cli"]
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", *args],
-        cwd=repo, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise BenchError(f"git {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout.strip()
-
-
 def ha_supported() -> bool:
     """True once `starmesh control-plane` takes the HA flags (--store, --replica-id, --advertise-url)."""
-    text = subprocess.run([*_starmesh(), "control-plane", "--help"], capture_output=True, text=True, timeout=60).stdout
+    text = subprocess.run([*starmesh(), "control-plane", "--help"], capture_output=True, text=True, timeout=60).stdout
     return all(flag in text for flag in ("--store", "--replica-id", "--advertise-url"))
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-class Children:
-    """The bench's processes, each in its own group with a log file; stop_all() ends them."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir
-            )
-        self.procs.append(proc)
-        return proc, log
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=5)
-        self.procs.clear()
-
-
-def _wait_line(log: Path, proc: subprocess.Popen[bytes], prefix: str, timeout: float = START_TIMEOUT) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                return line
-        if proc.poll() is not None:
-            raise BenchError(f"{log.name}: exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
-    raise BenchError(f"{log.name}: no {prefix!r} line within {timeout:.0f}s:\n{log.read_text(errors='replace')[-2000:]}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -255,7 +187,7 @@ def start_plane(children: Children, work: Path, repo: Path, replicas: int, store
         for i in range(replicas):
             port = _free_port()
             proc, log = children.start(f"replica-{i + 1}", [
-                *_starmesh(), "control-plane", *common, "--state-dir", str(work / f"cp-{i + 1}"),
+                *starmesh(), "control-plane", *common, "--state-dir", str(work / f"cp-{i + 1}"),
                 "--listen", f"127.0.0.1:{port}", "--store", etcd_url, "--replica-id", f"r{i + 1}",
                 "--advertise-url", f"http://127.0.0.1:{port}",
             ])  # fmt: skip
@@ -263,14 +195,14 @@ def start_plane(children: Children, work: Path, repo: Path, replicas: int, store
             plane.urls.append(f"http://127.0.0.1:{port}")
             plane.pids.append(proc.pid)
         for proc, log in started:
-            _wait_line(log, proc, "ready ")
+            wait_line(log, proc, "ready ", START_TIMEOUT)
         return plane
     proc, log = children.start("control-plane", [
-        *_starmesh(), "control-plane", *common, "--state-dir", str(work / "cp"), "--listen", "127.0.0.1:0",
+        *starmesh(), "control-plane", *common, "--state-dir", str(work / "cp"), "--listen", "127.0.0.1:0",
     ])  # fmt: skip
-    plane.urls.append("http://" + _wait_line(log, proc, "listening ").split()[1])
+    plane.urls.append("http://" + wait_line(log, proc, "listening ", START_TIMEOUT).split()[1])
     plane.pids.append(proc.pid)
-    _wait_line(log, proc, "ready ")
+    wait_line(log, proc, "ready ", START_TIMEOUT)
     return plane
 
 
@@ -317,11 +249,11 @@ async def measure(size: int, releases: int, replicas: int, store: str, idle: flo
         try:
             repo = work / "repo"
             repo.mkdir()
-            _git(repo, "init", "-q", "-b", "main")
+            git(repo, "init", "-q", "-b", "main")
             (repo / "mesh.star").write_text(POLICY.format(v1=100, v2=0))
-            _git(repo, "add", "-A")
-            _git(repo, "commit", "-q", "-m", "first")
-            subprocess.run([*_starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
+            git(repo, "add", "-A")
+            git(repo, "commit", "-q", "-m", "first")
+            subprocess.run([*starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
             plane = start_plane(children, work, repo, replicas, store)
             await asyncio.sleep(1.0)  # let the replicas settle before the "before" RSS
             rss_before = [rss_mb(pid) for pid in plane.pids]
@@ -340,11 +272,11 @@ async def measure(size: int, releases: int, replicas: int, store: str, idle: flo
                 for i in range(releases):
                     v2 = 10 * (i % 9 + 1)
                     (repo / "mesh.star").write_text(POLICY.format(v1=100 - v2, v2=v2))
-                    await asyncio.to_thread(_git, repo, "add", "-A")
+                    await asyncio.to_thread(git, repo, "add", "-A")
                     cpu_before = [cpu_seconds(pid) for pid in plane.pids]
                     fleet_before = sum(os.times()[:2])
                     commit_at = time.monotonic()
-                    await asyncio.to_thread(_git, repo, "commit", "-q", "-m", f"weights {100 - v2}/{v2}")
+                    await asyncio.to_thread(git, repo, "commit", "-q", "-m", f"weights {100 - v2}/{v2}")
                     last_ack = await fleet.wait_converged(i + 2, CONVERGE_TIMEOUT)
                     cpu = [cpu_seconds(pid) - c for pid, c in zip(plane.pids, cpu_before)]
                     rows.append(Release(last_ack - commit_at, cpu, sum(os.times()[:2]) - fleet_before))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _children import BenchError, Children, git, starmesh, wait_line  # noqa: E402
 from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 __all__ = ["main", "run"]
@@ -50,75 +50,6 @@ http_route("app", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
 
 START_TIMEOUT = 120.0
 SYNC_TIMEOUT = 60.0
-
-
-class BenchError(Exception):
-    """Something did not start or did not converge; the message says what."""
-
-
-def _starmesh() -> list[str]:
-    exe = Path(sys.executable).with_name("starmesh")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "starmesh.cli"]
-
-
-def _git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", *args],
-        cwd=repo, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise BenchError(f"git {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout.strip()
-
-
-class Children:
-    """Processes of the bench, each in its own group, output to a log file; stop_all() ends them."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir
-            )
-        self.procs.append(proc)
-        return proc, log
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=5)
-        self.procs.clear()
-
-
-def _wait_line(log: Path, proc: subprocess.Popen[bytes], prefix: str, timeout: float = START_TIMEOUT) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                return line
-        if proc.poll() is not None:
-            raise BenchError(f"{log.name}: exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
-    raise BenchError(f"{log.name}: no {prefix!r} line within {timeout:.0f}s")
 
 
 def _status(url: str) -> dict[str, object]:
@@ -158,40 +89,40 @@ def run(proxies: int, commits: int) -> list[float]:
         try:
             repo = work / "repo"
             repo.mkdir()
-            _git(repo, "init", "-q", "-b", "main")
+            git(repo, "init", "-q", "-b", "main")
             (repo / "mesh.star").write_text(POLICY.format(v1=100, v2=0))
-            _git(repo, "add", "-A")
-            _git(repo, "commit", "-q", "-m", "first")
-            subprocess.run([*_starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
+            git(repo, "add", "-A")
+            git(repo, "commit", "-q", "-m", "first")
+            subprocess.run([*starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
             cp, cp_log = children.start("control-plane", [
-                *_starmesh(), "control-plane", "--repo", str(repo), "--key", str(work / "keys" / "signing.key"),
+                *starmesh(), "control-plane", "--repo", str(repo), "--key", str(work / "keys" / "signing.key"),
                 "--state-dir", str(work / "cp"), "--listen", "127.0.0.1:0", "--proxy-ttl", "30",
             ])  # fmt: skip
-            url = "http://" + _wait_line(cp_log, cp, "listening ").split()[1]
-            _wait_line(cp_log, cp, "ready ")
+            url = "http://" + wait_line(cp_log, cp, "listening ", START_TIMEOUT).split()[1]
+            wait_line(cp_log, cp, "ready ", START_TIMEOUT)
             print(f"control plane at {url}; starting {proxies} proxies", flush=True)
             started = []
             for i in range(proxies):
                 proc, log = children.start(f"proxy-{i}", [
-                    *_starmesh(), "proxy", "--service", "app", "--version", "v1", "--app", "127.0.0.1:9",
+                    *starmesh(), "proxy", "--service", "app", "--version", "v1", "--app", "127.0.0.1:9",
                     "--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                     "--state-dir", str(work / f"proxy-{i}"), "--control-plane", url,
                     "--trust", str(work / "keys" / "signing.pub"),
                 ])  # fmt: skip
                 started.append((proc, log))
             for proc, log in started:
-                _wait_line(log, proc, "admin ")
-            first = _git(repo, "rev-parse", "HEAD")
+                wait_line(log, proc, "admin ", START_TIMEOUT)
+            first = git(repo, "rev-parse", "HEAD")
             _wait_synced(url, proxies, first, START_TIMEOUT)
             print(f"{proxies} proxies synced; measuring {commits} commits", flush=True)
             times = []
             for i in range(commits):
                 v2 = 10 * (i % 9 + 1)
                 (repo / "mesh.star").write_text(POLICY.format(v1=100 - v2, v2=v2))
-                _git(repo, "add", "-A")
+                git(repo, "add", "-A")
                 start = time.monotonic()
-                _git(repo, "commit", "-q", "-m", f"weights {100 - v2}/{v2}")
-                commit = _git(repo, "rev-parse", "HEAD")
+                git(repo, "commit", "-q", "-m", f"weights {100 - v2}/{v2}")
+                commit = git(repo, "rev-parse", "HEAD")
                 seconds = _wait_synced(url, proxies, commit) - start
                 times.append(seconds)
                 print(f"commit {i + 1}/{commits}: all {proxies} proxies applied in {seconds:.2f} s", flush=True)
