@@ -258,6 +258,7 @@ class ControlPlane:
         await self.watcher.stop()
         task, self._loop_task = self._loop_task, None
         if task is not None:
+            # The loop sees its stop at once unless a compile is running in its thread.
             done, _ = await asyncio.wait([task], timeout=self.config.shutdown_timeout)
             if not done:
                 task.cancel()
@@ -314,23 +315,15 @@ class ControlPlane:
             role.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await role
+        self.source.close()
+        await self._follow()  # the loop and the watcher first: a leader resigns after its last write
         if self.replication is not None:
             await self.replication.stop()
-        self.source.close()
-        await self.watcher.stop()
         renewing, self._renew_task = self._renew_task, None
         if renewing is not None:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            # The loop sees `stopping` at once unless a compile is running in its thread.
-            done, _ = await asyncio.wait([task], timeout=self.config.shutdown_timeout)
-            if not done:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

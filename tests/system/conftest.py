@@ -23,13 +23,17 @@ import runpy
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -184,6 +188,28 @@ class Fleet:
         cp.address = listening.removeprefix("listening ").strip()
         self.control_planes.append(cp)
         return cp
+
+    @staticmethod
+    @contextmanager
+    def traffic(h: Any, front: Any, path: str = "/") -> Iterator[Counter[str]]:
+        """Requests through `front`'s outbound listener to `app`, 8 at a time, 4 at once, for
+        as long as the block runs; the outcomes ("ok", or "<status> <error>") counted."""
+        outcomes: Counter[str] = Counter()
+        stop = threading.Event()
+
+        def send() -> None:
+            while not stop.is_set():
+                for reply in h.many(front.outbound, 8, path=path, host="app", concurrency=4):
+                    outcomes["ok" if reply.status == 200 else f"{reply.status} {reply.error}"] += 1
+
+        sender = threading.Thread(target=send, name="traffic")
+        sender.start()
+        try:
+            yield outcomes
+        finally:
+            stop.set()
+            sender.join(60)
+        assert not sender.is_alive(), "the traffic thread did not stop"
 
     # Helpers as attributes: test modules cannot import a conftest in importlib mode.
     policy = staticmethod(policy)

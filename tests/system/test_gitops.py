@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -122,26 +121,13 @@ def test_ten_commits_under_continuous_traffic_fail_no_request(fleet: Fleet, h: o
     *_, front = start_fleet(fleet, cp)
     fleet.wait_until(lambda: all_synced(cp, 3), "proxies synced")
 
-    outcomes: Counter[str] = Counter()
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            for reply in h.many(front.outbound, 8, host="app", concurrency=4):  # type: ignore[attr-defined]
-                outcomes["ok" if reply.status == 200 else f"{reply.status} {reply.error}"] += 1
-
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
+    with fleet.traffic(h, front) as outcomes:
         weights = [(0, 100), (50, 50), (100, 0), (10, 90), (90, 10), (0, 100), (30, 70), (100, 0), (60, 40), (0, 100)]
         for i, (v1, v2) in enumerate(weights):
             commit = fleet.commit(fleet.policy(v1=v1, v2=v2), f"commit {i}")
             release = fleet.wait_until(lambda: (r := cp.release()) and r["commit"] == commit and r, f"commit {i} released")
             assert isinstance(release, dict)
             fleet.wait_until(lambda: all_synced(cp, 3, str(release["bundle"])), f"commit {i} on every proxy")
-    finally:
-        stop.set()
-        sender.join(60)
     assert outcomes["ok"] > 100
     assert set(outcomes) == {"ok"}, outcomes
     assert answered_by(h, front) == Counter({"v2": 20})

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,26 +72,6 @@ def start_proxies(fleet: Fleet, planes: Sequence[ControlPlane]) -> tuple[Any, ..
     return p1, p2, front
 
 
-@contextmanager
-def traffic(h: object, front: object) -> Iterator[Counter[str]]:
-    """Requests through `front` to `app` for as long as the block runs; their outcomes."""
-    outcomes: Counter[str] = Counter()
-    stop = threading.Event()
-
-    def send() -> None:
-        while not stop.is_set():
-            for reply in h.many(front.outbound, 8, host="app", concurrency=4):  # type: ignore[attr-defined]
-                outcomes["ok" if reply.status == 200 else f"{reply.status} {reply.error}"] += 1
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        sender.join(60)
-
-
 def test_a_killed_leader_mid_rollout_is_replaced_and_the_rollout_finishes(fleet: Fleet, etcd_server: Etcd, h: object) -> None:
     fleet.commit(fleet.policy(v1=100, v2=0, rollout=STAGED))
     planes = [replica(fleet, etcd_server, "r1")]
@@ -108,7 +85,7 @@ def test_a_killed_leader_mid_rollout_is_replaced_and_the_rollout_finishes(fleet:
     replicas = planes[2].status()["control_plane"]["replicas"]
     assert sorted(r["id"] for r in replicas) == ["r1", "r2", "r3"]
 
-    with traffic(h, front) as outcomes:
+    with fleet.traffic(h, front) as outcomes:
         fleet.commit(fleet.policy(v1=0, v2=100, rollout=STAGED), "all to v2, staged")
 
         def baking() -> dict[str, Any] | None:

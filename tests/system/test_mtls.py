@@ -12,9 +12,7 @@ Every test polls for a condition with a generous deadline; none times anything.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -139,18 +137,8 @@ def test_certificates_rotate_under_continuous_traffic_without_a_failed_request(f
     front, app_proxy = parts["front"], parts["app-proxy"]
     assert reach_app(fleet, h, front).status == 200
 
-    outcomes: Counter[str] = Counter()
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            for reply in h.many(front.outbound, 8, path="/", host="app", concurrency=4):
-                outcomes["ok" if reply.status == 200 else f"{reply.status} {reply.error}"] += 1
-
     serials: dict[str, set[int]] = {"front": {serial(front)}, "app": {serial(app_proxy)}}
-    sender = threading.Thread(target=traffic, name="traffic")
-    sender.start()
-    try:
+    with fleet.traffic(h, front) as outcomes:
         end = time.monotonic() + 2 * lifetime  # about two lifetimes of traffic, then until both rotated twice
         deadline = end + DEADLINE
         while time.monotonic() < end or min(len(s) for s in serials.values()) < 3:
@@ -158,10 +146,6 @@ def test_certificates_rotate_under_continuous_traffic_without_a_failed_request(f
             serials["front"].add(serial(front))
             serials["app"].add(serial(app_proxy))
             time.sleep(0.2)
-    finally:
-        stop.set()
-        sender.join(DEADLINE)
-    assert not sender.is_alive()
     assert outcomes["ok"] > 0 and set(outcomes) == {"ok"}, outcomes
     # After the rotations, new connections still prove front (a fresh client, a fresh connection).
     assert h.call(front.outbound, "/echo", host="app").status == 200
