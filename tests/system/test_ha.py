@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,15 +145,19 @@ def test_with_etcd_down_the_replicas_serve_read_only_and_catch_up_after(
     fleet.wait_until(lambda: synced(planes[0], 3, second["bundle"]), "every proxy on it", 60)
 
 
-def test_everything_restarted_keeps_the_state(fleet: Fleet, etcd_server: Etcd, tmp_path: Path) -> None:
+def test_everything_restarted_keeps_the_state(fleet: Fleet, etcd_server: Etcd, h: object) -> None:
     fleet.commit(fleet.policy(v1=100, v2=0))
     planes = [replica(fleet, etcd_server, "r1")]
     planes[0].process.first_line(lambda line: line == "role leader", "r1 leading")
     planes.append(replica(fleet, etcd_server, "r2"))
     first = fleet.wait_until(lambda: planes[1].release(), "the first release")
+    app2 = fleet.mesh.app("v2")
+    proxy = fleet.proxy(planes[::-1], "app", "v2", app=app2.address)
     commit = fleet.commit(fleet.policy(v1=0, v2=100), "second")
     second = fleet.wait_until(lambda: (r := planes[1].release()) and r["commit"] == commit and r, "the second release")
+    fleet.wait_until(lambda: synced(planes[0], 1, second["bundle"]), "the proxy on the second release")
     addresses = [cp.address for cp in planes]
+    assert proxy.process.stop() == 0
     for cp in planes:
         assert cp.process.stop() == 0
     etcd_server.stop()
@@ -167,9 +170,13 @@ def test_everything_restarted_keeps_the_state(fleet: Fleet, etcd_server: Etcd, t
     status = again[0].status()
     assert status["rollout"]["phase"] == "complete" and status["rollout"]["version"] == second["version"]
     assert first["version"] < second["version"]
+    restarted = fleet.proxy(again, "app", "v2", app=app2.address, state=proxy.state_dir)
+    assert restarted.config()["release_version"] == second["version"]  # its last-known-good, then the same release
+    assert h.call(restarted.inbound, "/hello", host="app").app == "v2"  # type: ignore[attr-defined]
     commit = fleet.commit(fleet.policy(v1=50, v2=50), "third")
     third = fleet.wait_until(lambda: (r := again[1].release()) and r["commit"] == commit and r, "a release after the restart", 60)
     assert third["version"] == second["version"] + 1
+    fleet.wait_until(lambda: synced(again[0], 1, third["bundle"]), "the restarted proxy on the third release", 60)
 
 
 def test_a_rollback_sent_to_a_follower_is_signed_by_the_leader(fleet: Fleet, etcd_server: Etcd) -> None:
