@@ -9,6 +9,12 @@ stays in use. Only when none answers does the call raise `StoreUnavailable` (a
 StoreError), naming every member and why. Any other refusal from etcd is a StoreError.
 Calls are synchronous HTTP (etcd's JSON gateway): call them from a worker thread, never
 on the event loop. Keys are given without the prefix; `key(name)` adds it.
+
+With `EtcdTLS` every member is reached over HTTPS: the server certificate is checked
+against `ca` (the system's roots without it), and `cert` + `key` are the client
+certificate etcd's `--client-cert-auth` asks for. A handshake that fails says so ("TLS
+handshake with 127.0.0.1:2379 failed: ...") and what to check, rather than a bare
+connection error.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from etcd3gw.client import Etcd3Client
 
 from starmesh.reconciler.errors import StoreError, StoreUnavailable
 
-__all__ = ["DEFAULT_PREFIX", "EtcdConnection", "EtcdURL", "parse_etcd_url"]
+__all__ = ["DEFAULT_PREFIX", "EtcdConnection", "EtcdTLS", "EtcdURL", "parse_etcd_url"]
 
 DEFAULT_PREFIX = "/starmesh/"
 DEFAULT_TIMEOUT = 5.0
@@ -34,6 +40,7 @@ DEFAULT_TIMEOUT = 5.0
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})$")
 _PREFIX = re.compile(r"^/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/?$")
 _T = TypeVar("_T")
+_SSL_DETAIL = re.compile(r"SSL\w*Error\(\d+, ['\"]((?:\[SSL[^\]]*\] )?[^'\"(]*)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,20 @@ class EtcdURL:
     def __str__(self) -> str:
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.members)
         return f"etcd://{hosts}{self.prefix.rstrip('/')}"
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """HTTPS to every member: `ca` checks etcd's server certificates (None: the system's
+    roots); `cert` and `key` (PEM files, both or neither) are this client's certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both its certificate and its key")
 
 
 def parse_etcd_url(text: str) -> EtcdURL:
@@ -71,12 +92,11 @@ def parse_etcd_url(text: str) -> EtcdURL:
 class EtcdConnection:
     """One etcd3gw client per member; calls go to the member in use and fail over (thread-safe)."""
 
-    def __init__(self, url: EtcdURL, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: EtcdURL, *, timeout: float = DEFAULT_TIMEOUT, tls: EtcdTLS | None = None) -> None:
         self.url = url
         self.timeout = timeout
-        self._clients = [
-            Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/") for host, port in url.members
-        ]
+        self.tls = tls
+        self._clients = [self._new_client(host, port) for host, port in url.members]
         self._current = 0
         self._lock = threading.Lock()
 
@@ -94,6 +114,11 @@ class EtcdConnection:
         """The client for the member in use (for calls that must stay on one member, like a watch)."""
         return self._clients[self._current]
 
+    def clone(self, client: Etcd3Client) -> Etcd3Client:
+        """A new client for the same member as `client`, on a session of its own (a watch's:
+        closing it leaves the other calls' connection pool alone); the caller closes it."""
+        return self._new_client(client.host, client.port)
+
     def call(self, fn: Callable[[Etcd3Client], _T], what: str) -> _T:
         """`fn(client)` on the member in use, then on each other member while they cannot be
         reached; StoreUnavailable when none can, StoreError when etcd refuses (`what` names
@@ -106,10 +131,11 @@ class EtcdConnection:
             try:
                 result = fn(self._clients[index])
             except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as exc:
-                reasons.append(f"{self._name(index)}: {_reason(exc)}")
+                reasons.append(_tls_reason(self._name(index), _reason(exc, 2000)) or f"{self._name(index)}: {_reason(exc)}")
                 continue
             except requests.RequestException as exc:  # a watch stream or a raw session call
-                reasons.append(f"{self._name(index)}: {type(exc).__name__}")
+                tls = _tls_reason(self._name(index), str(exc)) if isinstance(exc, requests.exceptions.SSLError) else None
+                reasons.append(tls or f"{self._name(index)}: {type(exc).__name__}")
                 continue
             except etcd_errors.Etcd3Exception as exc:
                 raise StoreError(f"etcd refused {what}: {_reason(exc)}") from exc
@@ -123,12 +149,41 @@ class EtcdConnection:
         for client in self._clients:
             client.session.close()
 
+    def _new_client(self, host: str, port: int) -> Etcd3Client:
+        if self.tls is None:
+            return Etcd3Client(host=host, port=port, timeout=self.timeout, api_path="/v3/")
+        session = requests.Session()
+        if self.tls.ca is not None:
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA (its
+            # issue 3829): with a CA of our own, the environment is not consulted at all
+            session.trust_env = False
+            session.verify = self.tls.ca
+        if self.tls.cert is not None and self.tls.key is not None:
+            session.cert = (self.tls.cert, self.tls.key)
+        return Etcd3Client(
+            host=host, port=port, protocol="https", timeout=self.timeout, api_path="/v3/", session=session
+        )
+
     def _name(self, index: int) -> str:
         host, port = self.url.members[index]
         return f"{host}:{port}"
 
 
-def _reason(exc: Exception) -> str:
+def _tls_reason(member: str, text: str) -> str | None:
+    """A failed TLS handshake, said plainly with what to check; None when `text` is no TLS failure."""
+    if "SSL" not in text:
+        return None
+    found = _SSL_DETAIL.search(text)
+    detail = " ".join(found.group(1).split()) if found else "TLS error"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return f"{member}: etcd's server certificate is not trusted ({detail}): check --store-ca, the CA that signed it"
+    return (
+        f"{member}: etcd refused the TLS handshake ({detail}): it wants a client certificate signed by "
+        "its --trusted-ca-file; check --store-cert and --store-key"
+    )
+
+
+def _reason(exc: Exception, limit: int = 300) -> str:
     detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
     text = " ".join(str(detail).split())
-    return text if len(text) <= 300 else text[:299] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"

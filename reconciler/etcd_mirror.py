@@ -96,17 +96,16 @@ def read_prefix(client: Etcd3Client, prefix: str) -> tuple[dict[str, KeyMeta], i
 class PrefixWatch:
     """One etcd3gw watch on every key under `prefix`, from `start_revision`, on its own session.
 
-    etcd3gw runs the stream on a thread of its own and cannot say when it breaks (EtcdStore
-    probes for that). `stop()` closes the stream and waits for that thread.
+    `client` is the watch's own (EtcdConnection.clone: the member in use, with its TLS
+    settings): stopping the watch closes its connection pool, not the store's. etcd3gw runs
+    the stream on a thread of its own and cannot say when it breaks (EtcdStore probes for
+    that). `stop()` closes the stream and waits for that thread.
     """
 
     def __init__(
         self, client: Etcd3Client, prefix: str, start_revision: int, on_event: Callable[[Event], None]
     ) -> None:
-        # a client of its own: stopping the watch closes its connection pool, not the store's
-        self._client = Etcd3Client(
-            host=client.host, port=client.port, protocol=client.protocol, timeout=client.timeout, api_path="/v3/"
-        )
+        self._client = client
         try:
             self._watcher = Watcher(
                 self._client, prefix, on_event, start_revision=start_revision, range_end=prefix_end(prefix)
@@ -285,7 +284,8 @@ class MirrorFeed:
                     log.exception("etcd store: cannot apply a watch event")
 
             self._watch = self._connection.call(
-                lambda c: PrefixWatch(c, self._prefix, revision + 1, on_event), f"watch {self._prefix}"
+                lambda c: PrefixWatch(self._connection.clone(c), self._prefix, revision + 1, on_event),
+                f"watch {self._prefix}",
             )
 
     def stop(self) -> None:

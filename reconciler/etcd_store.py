@@ -9,6 +9,11 @@
     probe thread                        every probe_interval writes probes/<store id> on a
                                         short lease and expects it back through the watch
 
+A value longer than `chunk_size` is stored as parts under `chunks/` and a pointer at its
+key (etcd_chunks.py): reads put it together again, `keys()` never lists the parts, and
+subscribers hear of the key once, when its pointer lands. With `tls` (EtcdTLS) every
+call and every watch go over HTTPS with a client certificate (etcd_client.py).
+
 etcd3gw's watch thread cannot tell when its stream breaks, so liveness is checked end to
 end: a probe not seen through the watch within 3 intervals (a broken stream, a compacted
 start revision) makes the store read the prefix again and start a new watch. A probe
@@ -28,13 +33,15 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 
 from starmesh.reconciler.errors import NotLeader, StoreError, StoreUnavailable
-from starmesh.reconciler.etcd_client import EtcdConnection, EtcdURL
+from starmesh.reconciler.etcd_chunks import CHUNKS_PREFIX, DEFAULT_CHUNK_SIZE, ChunkedValues, encode_value, split
+from starmesh.reconciler.etcd_client import EtcdConnection, EtcdTLS, EtcdURL
 from starmesh.reconciler.etcd_mirror import KeyMeta, Listener, Mirror, MirrorFeed, b64, decode_kv
 from starmesh.reconciler.model import utc_now
 from starmesh.reconciler.store import Store, StoreHealth
@@ -57,6 +64,8 @@ _ANY = object()  # compare_and_put's `expected` when there is nothing to compare
 def check_key(key: str) -> str:
     if len(key) > 512 or not _KEY.fullmatch(key):
         raise StoreError(f"invalid store key {key!r} (letters, digits, ._:- in /-separated names, at most 512)")
+    if key.startswith(CHUNKS_PREFIX):
+        raise StoreError(f"invalid store key {key!r}: {CHUNKS_PREFIX} holds the parts of large values")
     return key
 
 
@@ -64,15 +73,23 @@ class EtcdStore:
     """A Store on etcd shared by every replica (see the module docstring)."""
 
     def __init__(
-        self, url: EtcdURL, *, timeout: float = 5.0, probe_interval: float = 1.0, sync_timeout: float = 30.0
+        self,
+        url: EtcdURL,
+        *,
+        timeout: float = 5.0,
+        probe_interval: float = 1.0,
+        sync_timeout: float = 30.0,
+        tls: EtcdTLS | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.url = url
         self.id = secrets.token_hex(6)
         self.probe_interval = probe_interval
         self.sync_timeout = sync_timeout
-        self._connection = EtcdConnection(url, timeout=timeout)
+        self._connection = EtcdConnection(url, timeout=timeout, tls=tls)
         self._prefix = url.prefix
         self._mirror = Mirror()
+        self._values = ChunkedValues(self._mirror.get, chunk_size)
         self._stop = threading.Event()
         self._probe: threading.Thread | None = None
         self._feed = MirrorFeed(self._connection, self._mirror, hidden=PROBES_PREFIX)
@@ -88,6 +105,11 @@ class EtcdStore:
         self._probe_refreshed = 0.0
         self._probe_count = 0
         self._pending: tuple[int, float] | None = None  # oldest probe not seen back: revision, when
+
+    @staticmethod
+    def tls_from(ca: str | None, cert: str | None, key: str | None) -> EtcdTLS | None:
+        """`--store-ca`, `--store-cert`, `--store-key` as EtcdTLS; None (plain HTTP) without any."""
+        return None if ca is None and cert is None and key is None else EtcdTLS(ca, cert, key)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -123,8 +145,9 @@ class EtcdStore:
     # -- reads (the mirror) --------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
+        """The value (StoreError when its parts are missing or altered)."""
         meta = self._mirror.get(check_key(key))
-        return None if meta is None else meta.value
+        return None if meta is None else self._values.decode(key, meta)
 
     def keys(self, prefix: str) -> list[str]:
         if prefix and not prefix.endswith("/"):
@@ -134,13 +157,15 @@ class EtcdStore:
         return self._mirror.keys(prefix)
 
     def meta(self, key: str) -> KeyMeta | None:
-        return self._mirror.get(check_key(key))
+        meta = self._mirror.get(check_key(key))
+        return None if meta is None else replace(meta, value=self._values.decode(key, meta))
 
     def subscribe(self, prefix: str, callback: Listener) -> None:
         """`callback(key, value or None)` after every mirror change under `prefix`, own writes
         included, once each, in the order the mirror took them (for one key: revision order),
-        on the store's dispatcher thread: hand work over (call_soon_threadsafe), return fast."""
-        self._mirror.subscribe(prefix, callback)
+        on the store's dispatcher thread: hand work over (call_soon_threadsafe), return fast.
+        A large value's parts are not changes: its key is reported once, with the whole value."""
+        self._mirror.subscribe(prefix, self._values.listener(callback))
 
     # -- writes --------------------------------------------------------------------
 
@@ -165,8 +190,16 @@ class EtcdStore:
         return self._put(key, value, lease=lease, expected=None)
 
     def put_many(self, items: Mapping[str, bytes | None]) -> None:
-        """Write (bytes) or delete (None) many keys, up to 64 to a transaction (not fenced)."""
-        pending = [(check_key(key), value) for key, value in items.items()]
+        """Write (bytes) or delete (None) many keys, up to 64 to a transaction (not fenced);
+        a large value, or deleting one, takes transactions of its own."""
+        pending = []
+        for key, value in items.items():
+            if value is None and self._values.has_parts(check_key(key)):
+                self._delete(key)
+            elif value is not None and (len(value) > self._values.chunk_size or self._values.has_parts(check_key(key))):
+                self._put(key, value)
+            else:
+                pending.append((key, None if value is None else encode_value(value)))
         for start in range(0, len(pending), _BATCH):
             batch = pending[start : start + _BATCH]
             ops = [
@@ -234,8 +267,16 @@ class EtcdStore:
     def _put(
         self, key: str, value: bytes, *, lease: int = 0, expected: object = _ANY, fence: int | None = None
     ) -> int | None:
-        """Write `key`; its revision, or None when `expected` did not match (NotLeader: the fence)."""
+        """Write `key`; its revision, or None when `expected` did not match (NotLeader: the fence).
+        A value past chunk_size: its parts first, then the pointer, which also deletes the
+        key's other parts (as does any write over a pointer)."""
         full = b64(self._prefix + check_key(key))
+        raw, keep = encode_value(value), None
+        if len(value) > self._values.chunk_size:
+            pointer, parts = split(key, value, self._values.chunk_size)
+            raw, keep = pointer.encode(), pointer.tag
+            for number, (name, part) in enumerate(parts):
+                self._put_part(key, name, part, f"{number + 1} of {len(parts)}", lease=lease, fence=fence)
         compares: list[dict[str, Any]] = []
         failure: list[dict[str, Any]] = []
         if fence is not None:
@@ -246,15 +287,19 @@ class EtcdStore:
                 compares.append({"key": full, "target": "CREATE", "result": "EQUAL", "create_revision": 0})
             else:
                 assert isinstance(expected, bytes)
-                compares.append({"key": full, "target": "VALUE", "result": "EQUAL", "value": b64(expected)})
+                stored = b64(self._values.stored(key, expected))
+                compares.append({"key": full, "target": "VALUE", "result": "EQUAL", "value": stored})
             failure.append({"request_range": {"key": full}})
-        put: dict[str, Any] = {"key": full, "value": b64(value), "prev_kv": True}
+        put: dict[str, Any] = {"key": full, "value": b64(raw), "prev_kv": True}
         if lease:
             put["lease"] = lease
-        answer = self._txn(compares, [{"request_put": put}], failure, f"put {key}")
+        success = [{"request_put": put}]
+        if keep is not None or self._values.has_parts(key):
+            success += self._values.delete_ops(self._prefix, key, keep)
+        answer = self._txn(compares, success, failure, f"put {key}")
         revision = int(answer["header"]["revision"])
         if answer.get("succeeded"):
-            self._applied(key, value, revision, answer["responses"][0], lease)
+            self._applied(key, raw, revision, answer["responses"][0], lease)
             return revision
         self._refused(key, answer, revision, fence)
         return None
@@ -263,11 +308,22 @@ class EtcdStore:
         full = b64(self._prefix + check_key(key))
         compares = [] if fence is None else [_fence_compare(self._prefix, fence)]
         failure = [] if fence is None else [{"request_range": {"key": b64(self._prefix + _LEADER)}}]
-        answer = self._txn(compares, [{"request_delete_range": {"key": full}}], failure, f"delete {key}")
+        success = [{"request_delete_range": {"key": full}}, *self._values.delete_ops(self._prefix, key, None)]
+        answer = self._txn(compares, success, failure, f"delete {key}")
         revision = int(answer["header"]["revision"])
         if not answer.get("succeeded"):
             self._refused(key, answer, revision, fence)
         self._mirror.apply(key, None, revision)
+
+    def _put_part(self, key: str, name: str, part: bytes, which: str, *, lease: int, fence: int | None) -> None:
+        put: dict[str, Any] = {"key": b64(self._prefix + name), "value": b64(part), "prev_kv": True}
+        if lease:
+            put["lease"] = lease
+        compares = [] if fence is None else [_fence_compare(self._prefix, fence)]
+        answer = self._txn(compares, [{"request_put": put}], [], f"put {key} (part {which})")
+        if not answer.get("succeeded"):
+            raise NotLeader(f"write to {key} refused: this replica is no longer the leader (leader key changed)")
+        self._applied(name, part, int(answer["header"]["revision"]), answer["responses"][0], lease)
 
     def _txn(
         self, compares: list[dict[str, Any]], success: list[dict[str, Any]], failure: list[dict[str, Any]], what: str

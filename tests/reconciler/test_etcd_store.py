@@ -5,6 +5,7 @@ Waits are bounded polls (`until`), never sleeps standing in for assertions.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 from starmesh.reconciler.errors import NotLeader, StoreError, StoreUnavailable
-from starmesh.reconciler.etcd_client import parse_etcd_url
-from starmesh.reconciler.etcd_mirror import KeyMeta, Mirror
+from starmesh.reconciler.etcd_chunks import DEFAULT_CHUNK_SIZE
+from starmesh.reconciler.etcd_client import EtcdConnection, parse_etcd_url
+from starmesh.reconciler.etcd_mirror import KeyMeta, Mirror, read_prefix
 from starmesh.reconciler.etcd_store import EtcdStore
 
 DEADLINE = 30.0
@@ -289,3 +291,98 @@ def test_a_resync_tells_subscribers_what_changed_and_keeps_newer_own_writes() ->
     first = [("x/same", b"s"), ("x/changed", b"old"), ("x/gone", b"g"), ("x/mine", b"m")]
     assert seen.seen == [*first, ("x/changed", b"new"), ("x/gone", None)]  # close() delivered all
     assert mirror.keys("x/") == ["x/changed", "x/mine", "x/same"]
+
+
+# -- values larger than one etcd request (etcd_chunks.py) ---------------------------
+
+
+def _etcd_keys(server: Any, prefix: str) -> list[str]:
+    """Every raw etcd key under `prefix` (read with a connection of the test's own)."""
+    connection = EtcdConnection(parse_etcd_url(server.url), timeout=5)
+    try:
+        found, _ = connection.call(lambda c: read_prefix(c, prefix), "read")
+        return sorted(prefix + key for key in found)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("chunk_size", [DEFAULT_CHUNK_SIZE, 64 * 1024])
+def test_a_large_value_is_stored_in_parts_and_read_whole_through_another_mirror(
+    open_store: Opener, etcd_server: Any, chunk_size: int
+) -> None:
+    writer, reader = open_store(chunk_size=chunk_size), open_store(chunk_size=chunk_size)
+    heard = Recorder()
+    reader.subscribe("bundles/", heard)
+    big = secrets.token_bytes(3 * 1024 * 1024)
+    writer.put("bundles/sha256-big", big)
+    assert writer.get("bundles/sha256-big") == big  # read-your-writes
+    assert reader.wait_synced(DEADLINE)
+    assert reader.get("bundles/sha256-big") == big
+    assert reader.keys("bundles/") == ["bundles/sha256-big"]
+    parts = _etcd_keys(etcd_server, "/starmesh/chunks/")
+    assert len(parts) == -(-len(big) // chunk_size)
+    until(lambda: len(heard) >= 1, "the subscriber to hear of the key")
+    assert heard.seen == [("bundles/sha256-big", big)]  # once, whole, not once per part
+
+    assert writer.compare_and_put("bundles/sha256-big", b"not it", b"small") is False
+    replacement = secrets.token_bytes(len(big))
+    assert writer.compare_and_put("bundles/sha256-big", big, replacement) is True
+    assert reader.wait_synced(DEADLINE) and reader.get("bundles/sha256-big") == replacement
+    assert len(_etcd_keys(etcd_server, "/starmesh/chunks/")) == len(parts)  # the old parts went
+
+    writer.delete("bundles/sha256-big")
+    assert reader.wait_synced(DEADLINE) and reader.get("bundles/sha256-big") is None
+    assert _etcd_keys(etcd_server, "/starmesh/chunks/") == []
+
+
+def test_parts_let_an_etcd_with_a_small_request_limit_take_a_bundle_sized_value(etcd_factory: Any) -> None:
+    server = etcd_factory("small", extra_args=["--max-request-bytes", str(64 * 1024)])
+    value = secrets.token_bytes(300 * 1024)
+    whole = EtcdStore(parse_etcd_url(server.url), probe_interval=0.1, chunk_size=1024 * 1024)
+    parted = EtcdStore(parse_etcd_url(server.url), probe_interval=0.1, chunk_size=32 * 1024)
+    whole.start()
+    parted.start()
+    try:
+        with pytest.raises(StoreError, match="etcd refused put bundles/sha256-b"):
+            whole.put("bundles/sha256-b", value)  # one request: over the limit
+        parted.put("bundles/sha256-b", value)
+        assert whole.wait_synced(DEADLINE) and whole.get("bundles/sha256-b") == value
+    finally:
+        whole.close()
+        parted.close()
+
+
+@pytest.mark.parametrize("damage", ["alter", "remove"])
+def test_a_damaged_part_is_a_store_error_naming_the_key(open_store: Opener, etcd_server: Any, damage: str) -> None:
+    writer, reader = open_store(chunk_size=1024), open_store(chunk_size=1024)
+    writer.put("bundles/sha256-c", secrets.token_bytes(5000))
+    part = _etcd_keys(etcd_server, "/starmesh/chunks/bundles/sha256-c/")[2]
+    connection = EtcdConnection(parse_etcd_url(etcd_server.url), timeout=5)
+    try:
+        if damage == "alter":
+            connection.call(lambda c: c.put(part, b"x" * 1024), "alter a part")
+        else:
+            connection.call(lambda c: c.delete(part), "remove a part")
+    finally:
+        connection.close()
+    assert reader.wait_synced(DEADLINE)
+    says = "do not add up" if damage == "alter" else "part 3 of 5 .* is missing"
+    with pytest.raises(StoreError, match=f"store key bundles/sha256-c: .*{says}"):
+        reader.get("bundles/sha256-c")
+
+
+def test_a_fenced_large_write_by_a_deposed_leader_publishes_nothing(open_store: Opener, etcd_server: Any) -> None:
+    store = open_store(chunk_size=1024)
+    fence = store.create_leased("leader", b"{}", store.grant_lease(30))
+    assert fence is not None
+    with pytest.raises(NotLeader):
+        store.fenced(lambda: fence + 1).put("bundles/sha256-d", secrets.token_bytes(5000))
+    assert store.get("bundles/sha256-d") is None
+    assert _etcd_keys(etcd_server, "/starmesh/chunks/") == []  # refused at the first part
+    store.fenced(lambda: fence).put("bundles/sha256-d", b"\x00starmesh:chunked\n" + b"{}" * 900)
+    assert store.get("bundles/sha256-d") == b"\x00starmesh:chunked\n" + b"{}" * 900  # escaped, not a pointer
+
+
+def test_the_parts_folder_is_reserved(open_store: Opener) -> None:
+    with pytest.raises(StoreError, match="chunks/ holds the parts of large values"):
+        open_store().put("chunks/x", b"v")

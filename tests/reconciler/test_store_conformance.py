@@ -13,18 +13,21 @@ from typing import Any
 import pytest
 
 from starmesh.reconciler.errors import StoreError
+from starmesh.reconciler.etcd_chunks import DEFAULT_CHUNK_SIZE, ESCAPE_MAGIC, POINTER_MAGIC
 from starmesh.reconciler.etcd_client import parse_etcd_url
 from starmesh.reconciler.etcd_store import EtcdStore
 from starmesh.reconciler.store import FileStore, Store
 
 
-@pytest.fixture(params=["file", "etcd"])
+@pytest.fixture(params=["file", "etcd", "etcd-in-parts"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """FileStore; EtcdStore; EtcdStore storing every value over 100 bytes in parts."""
     if request.param == "file":
         yield FileStore(tmp_path / "state")
         return
     server: Any = request.getfixturevalue("etcd_server")
-    etcd = EtcdStore(parse_etcd_url(server.url + "/conformance"), probe_interval=0.1)
+    chunk_size = 100 if request.param == "etcd-in-parts" else DEFAULT_CHUNK_SIZE
+    etcd = EtcdStore(parse_etcd_url(server.url + "/conformance"), probe_interval=0.1, chunk_size=chunk_size)
     etcd.start()
     try:
         yield etcd
@@ -43,6 +46,23 @@ def test_put_then_get_gives_the_bytes_back(store: Store) -> None:
     assert store.get("status/empty") == b""
     store.put("bundles/sha256-ab", b"second")
     assert store.get("bundles/sha256-ab") == b"second"
+
+
+def test_large_values_and_values_that_look_like_framing_come_back_as_written(store: Store) -> None:
+    large = bytes(range(256)) * 40
+    store.put("bundles/sha256-large", large)
+    assert store.get("bundles/sha256-large") == large
+    assert store.keys("bundles/") == ["bundles/sha256-large"]
+    assert store.compare_and_put("bundles/sha256-large", large[:-1], b"x") is False
+    assert store.compare_and_put("bundles/sha256-large", large, large[::-1]) is True
+    assert store.get("bundles/sha256-large") == large[::-1]
+    for tricky in (POINTER_MAGIC + b'{"chunks":2,"sha256":"' + b"0" * 64 + b'","size":1}', ESCAPE_MAGIC, b"\x00"):
+        store.put("status/tricky", tricky)
+        assert store.get("status/tricky") == tricky
+        assert store.compare_and_put("status/tricky", tricky, tricky + b"!") is True
+        assert store.get("status/tricky") == tricky + b"!"
+    store.delete("bundles/sha256-large")
+    assert store.get("bundles/sha256-large") is None and store.keys("bundles/") == []
 
 
 def test_compare_and_put_creates_only_when_absent(store: Store) -> None:
