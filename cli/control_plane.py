@@ -201,6 +201,25 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
     metavar="SECONDS",
     help="The leader's etcd lease: a dead leader is replaced within about this long. Needs --store.",
 )
+@click.option(
+    "--store-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="PEM CA certificate(s) that signed etcd's server certificates: reach every etcd member "
+    "over HTTPS and check it against them. Needs --store.",
+)
+@click.option(
+    "--store-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="PEM client certificate for etcd's --client-cert-auth (with --store-key). Needs --store.",
+)
+@click.option(
+    "--store-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="The PEM private key of --store-cert (unencrypted). Needs --store.",
+)
 def control_plane_command(
     repo: str,
     branch: str,
@@ -219,6 +238,9 @@ def control_plane_command(
     replica_id: str | None,
     advertise_url: str | None,
     leader_ttl: float,
+    store_ca: Path | None,
+    store_cert: Path | None,
+    store_key: Path | None,
 ) -> None:
     """Follow BRANCH of a policy repository and serve signed releases to proxies.
 
@@ -259,6 +281,10 @@ def control_plane_command(
       starmesh control-plane ... --ca ca --join-token "$(cat join-token)"
     """
     replica = _check_replication(store, replica_id, advertise_url, leader_ttl)
+    if replica:
+        replica.update(_check_store_tls(store_ca, store_cert, store_key))
+    else:
+        _check_store_tls_needs_store(store_ca, store_cert, store_key)
     from starmesh.reconciler.watch import check_branch
     from starmesh.runtime.endpoints import parse_address
 
@@ -329,3 +355,53 @@ def _check_replication(
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
             raise InputError(f"--advertise-url {advertise_url!r}: give http(s)://HOST:PORT (how other replicas reach this one)")
     return {"store": store, "replica_id": replica, "advertise_url": advertise_url, "leader_ttl": leader_ttl}
+
+
+def _check_store_tls_needs_store(*files: Path | None) -> None:
+    given = [name for name, value in zip(("--store-ca", "--store-cert", "--store-key"), files, strict=True) if value]
+    if given:
+        raise InputError(f"{' and '.join(given)} need --store etcd://HOST:PORT,... (they are how to reach etcd)")
+
+
+def _check_store_tls(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, Any]:
+    """`--store-ca`, `--store-cert`, `--store-key` read and parsed (PEM), the pair matching;
+    ControlPlaneConfig's store_ca, store_cert, store_key."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    if (cert is None) != (key is None):
+        raise InputError("--store-cert and --store-key go together: the client certificate and its private key")
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(_read_pem("--store-ca", ca))
+        except ValueError:
+            raise InputError(f"--store-ca {ca}: not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    if cert is not None and key is not None:
+        try:
+            certificate = x509.load_pem_x509_certificate(_read_pem("--store-cert", cert))
+        except ValueError:
+            raise InputError(f"--store-cert {cert}: not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+        try:
+            private = serialization.load_pem_private_key(_read_pem("--store-key", key), password=None)
+        except TypeError:
+            raise InputError(f"--store-key {key}: the key is encrypted; give an unencrypted PEM private key") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise InputError(f"--store-key {key}: not a PEM private key (-----BEGIN PRIVATE KEY-----)") from None
+        if private.public_key() != certificate.public_key():
+            raise InputError(f"--store-key {key} is not the key of --store-cert {cert}")
+    return {
+        "store_ca": None if ca is None else str(ca),
+        "store_cert": None if cert is None else str(cert),
+        "store_key": None if key is None else str(key),
+    }
+
+
+def _read_pem(option: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data:
+        raise InputError(f"{option} {path}: not a PEM file (no -----BEGIN line)")
+    return data

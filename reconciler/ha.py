@@ -6,7 +6,10 @@
                              └── changes under releases/ and rollout/ ─► Rollout.reload()
     LeaderElection (lease on `leader`) ─► on_change(leading) ─► ControlPlane starts or
                                            stops its reconcile loop and repo watcher
-    ReplicaSet (replicas/<id>, leased)  ─► /v1/status "control_plane"
+    ReplicaSet (replicas/<id>, leased)  ─► /v1/status "control_plane" (and its "problems":
+                                           replicas signing with another key, following
+                                           another repository or branch)
+    ControlPlaneMetrics ◄── role, role changes, live replicas, the store's state, records written
 
 `Replication` holds these parts for service.py, which owns the process. A follower's
 `Rollout` is a read-only view reloaded from the mirror; the leader's is writable and
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ from starmesh.reconciler.election import LeaderElection
 from starmesh.reconciler.errors import ReconcilerError, StoreError
 from starmesh.reconciler.etcd_client import parse_etcd_url
 from starmesh.reconciler.etcd_store import EtcdStore
+from starmesh.reconciler.metrics import NO_METRICS, ControlPlaneMetrics, StoreState
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.registry_sync import RegistrySync
 from starmesh.reconciler.replicas import ReplicaSet
@@ -47,11 +52,15 @@ PRUNE_INTERVAL = 30.0
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """`--store`, `--replica-id`, `--leader-ttl`; the URL other replicas reach this one at."""
+    """`--store`, `--replica-id`, `--leader-ttl`; the URL other replicas reach this one at;
+    `--store-ca`, `--store-cert`, `--store-key`: HTTPS and a client certificate to etcd."""
 
     store: str
     replica_id: str
     leader_ttl: float = 10.0
+    store_ca: str | None = None
+    store_cert: str | None = None
+    store_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,7 @@ class Replication:
             url = parse_etcd_url(settings.store)
         except ValueError as exc:
             raise ReconcilerError(f"--store: {exc}") from None
-        self.store = EtcdStore(url)
+        self.store = EtcdStore(url, tls=EtcdStore.tls_from(settings.store_ca, settings.store_cert, settings.store_key))
         self.election: LeaderElection | None = None
         self.replicas: ReplicaSet | None = None
         self.sync: RegistrySync | None = None
@@ -100,22 +109,38 @@ class Replication:
         on_change: Callable[[bool], None],
         on_release: Callable[[], None],
         client_ssl: ssl.SSLContext | None,
+        signing_key: str | None = None,
+        repo: str | None = None,
+        branch: str | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
-        """Join: elect, announce this replica, share registrations, follow the rollout (on the loop)."""
+        """Join: elect, announce this replica, share registrations, follow the rollout (on the loop).
+        `signing_key` (the key's id), `repo` and `branch` go into this replica's record, so
+        replicas that differ say so (replicas.py); `metrics` gets the replica gauges and counters."""
         loop = asyncio.get_running_loop()
         rid, ttl = self.settings.replica_id, self.settings.leader_ttl
         self._ssl = client_ssl
+
         def role_changed(leading: bool) -> None:
+            if metrics is not None:
+                metrics.leader_changed()
             if self.replicas is not None:
                 self.replicas.refresh()  # status shows the new role now, not at the next refresh
             on_change(leading)
 
         self.election = LeaderElection(self.store, rid, url, ttl=ttl, on_change=role_changed)
         election = self.election
-        self.replicas = ReplicaSet(
-            self.store, rid, url, ttl=ttl, role=lambda: "leader" if election.is_leader else "follower"
-        )
-        self.sync = RegistrySync(self.store, registry, rollout, rid)
+        self.replicas = replica_set = ReplicaSet(
+            self.store, rid, url, ttl=ttl, role=lambda: "leader" if election.is_leader else "follower",
+            key=signing_key, repo=repo, branch=branch,
+        )  # fmt: skip
+        self.sync = RegistrySync(self.store, registry, rollout, rid, metrics=metrics or NO_METRICS)
+        if metrics is not None:
+            metrics.observe_replicas(
+                leading=lambda: election.is_leader,
+                replicas=lambda: len(replica_set.replicas()),
+                store=self._store_state,
+            )
         self.sync.start(loop)
 
         def changed(_key: str, _value: bytes | None) -> None:  # on the store's thread
@@ -129,6 +154,10 @@ class Replication:
             loop.create_task(self.replicas.run(self._stop), name="starmesh-replicas"),
             loop.create_task(self._prune_while_leading(), name="starmesh-prune-registrations"),
         ]
+
+    def _store_state(self) -> StoreState:
+        health = self.store.health()
+        return StoreState(health.kind, health.available)
 
     def published(self, proxy_id: str) -> None:
         """The API changed a proxy's registration here: share it with the other replicas."""
@@ -159,14 +188,17 @@ class Replication:
                 self.sync.prune()  # queues the deletions for the sync's writer
 
     def to_json(self) -> dict[str, object]:
-        """`/v1/status`'s "control_plane" (DESIGN.md: id, leader, replicas; also role and store)."""
+        """`/v1/status`'s "control_plane" (DESIGN.md: id, leader, replicas; also role, store,
+        and problems: how other replicas differ from this one, replicas.py)."""
         leader = None if self.election is None else self.election.leader()
+        now = time.time()
         return {
             "id": self.settings.replica_id,
             "role": "leader" if self.leading else "follower",
             "leader": None if leader is None else leader.to_json(),
-            "replicas": [] if self.replicas is None else [r.to_json() for r in self.replicas.replicas()],
+            "replicas": [] if self.replicas is None else [r.to_json(now=now) for r in self.replicas.replicas()],
             "store": self.store.health().to_json(),
+            "problems": [] if self.replicas is None else self.replicas.problems(),
         }
 
     def leader_url(self) -> str | None:

@@ -11,13 +11,22 @@
     starmesh_rollout_targeted_proxies           proxies the rollout's release is meant for now
     starmesh_rollout_acked_proxies              of those, the ones that run it
     starmesh_release_version                    the newest release issued (0 before the first)
+    starmesh_control_plane_store_available{kind}  1 while the state store takes writes, 0 while it
+                                                is read-only (kind: etcd with --store, else file)
+  with --store only (several replicas, ha.py):
+    starmesh_control_plane_leader               1 on the replica that leads, 0 on the others
+    starmesh_control_plane_replicas             live replicas this one sees (itself included)
+    starmesh_control_plane_registration_writes_total  proxies' records this replica wrote to etcd
+    starmesh_control_plane_leader_changes_total       this replica's role changes (to and from leader)
 
 The parts report events through `Metrics` (compiles: reconcile.py; releases: issuer.py;
-NACKs: registry.py); the base class records nothing, so a part built without metrics
-(the unit tests, a tool) pays nothing. `ControlPlaneMetrics` records into a private
+NACKs: registry.py; registration writes: registry_sync.py; role changes: ha.py); the base
+class records nothing, so a part built without metrics (the unit tests, a tool) pays nothing. `ControlPlaneMetrics` records into a private
 OpenTelemetry `MeterProvider` whose `PrometheusMetricReader` writes to its own
 `CollectorRegistry`: several control planes in one process never share a series. The
-gauges are read when scraped, from the registry, the rollout and the ledger (`observe`).
+gauges are read when scraped, from the registry, the rollout and the ledger (`observe`),
+and with --store from the election, the replica set and the etcd store (`observe_replicas`,
+which also starts the two --store counters at 0; without it their series do not exist).
 
 The control plane is not a hot path (a compile, a release, a NACK are rare events), so
 synchronous instruments are fine here. Every label has a fixed, small set of values;
@@ -39,7 +48,15 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from prometheus_client import CollectorRegistry
 
-__all__ = ["CONTENT_TYPE", "NO_METRICS", "CompileOutcome", "ControlPlaneMetrics", "Metrics", "RolloutProgress"]
+__all__ = [
+    "CONTENT_TYPE",
+    "NO_METRICS",
+    "CompileOutcome",
+    "ControlPlaneMetrics",
+    "Metrics",
+    "RolloutProgress",
+    "StoreState",
+]
 
 CompileOutcome = Literal["ok", "rejected", "source-unavailable"]
 """How a pass's compile ended: a bundle, a refused commit, or a repository it could not read."""
@@ -62,6 +79,14 @@ class RolloutProgress:
     acked: int = 0
 
 
+@dataclass(frozen=True)
+class StoreState:
+    """The state store as its gauge shows it: which kind, and whether it takes writes."""
+
+    kind: str = "file"
+    available: bool = True
+
+
 class Metrics:
     """The events the control plane's parts report. This base class records nothing: it is
     the default of every part (`NO_METRICS`); `ControlPlaneMetrics` records them."""
@@ -74,6 +99,12 @@ class Metrics:
 
     def nacked(self) -> None:
         """A proxy reported a NACK."""
+
+    def registrations_written(self, records: int) -> None:
+        """`records` proxies' records were written to the store (any thread)."""
+
+    def leader_changed(self) -> None:
+        """This replica became leader, or stopped being it."""
 
 
 NO_METRICS = Metrics()
@@ -94,6 +125,9 @@ class ControlPlaneMetrics(Metrics):
         self._proxies: Callable[[], Mapping[ProxyState, int]] = dict
         self._rollout: Callable[[], RolloutProgress] = RolloutProgress
         self._release_version: Callable[[], int | None] = _none
+        self._store: Callable[[], StoreState] = StoreState  # a FileStore always takes writes
+        self._leading: Callable[[], bool] | None = None  # None: no --store, no replica gauges
+        self._replica_count: Callable[[], int] = int
         meter = self._provider.get_meter("starmesh.reconciler")
         self._compile_seconds = meter.create_histogram(
             "starmesh_compile_duration_seconds", unit="s", description="Time to compile one commit, by result.",
@@ -124,6 +158,26 @@ class ControlPlaneMetrics(Metrics):
         meter.create_observable_gauge(
             "starmesh_release_version", [self._observe_release], description="The newest release version issued (0: none)."
         )
+        meter.create_observable_gauge(
+            "starmesh_control_plane_store_available", [self._observe_store],
+            description="1 while the state store takes writes, 0 while the control plane serves read-only.",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "starmesh_control_plane_leader", [self._observe_leader],
+            description="1 on the control-plane replica that leads, 0 on the others (--store only).",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "starmesh_control_plane_replicas", [self._observe_replicas],
+            description="Live control-plane replicas this one sees, itself included (--store only).",
+        )  # fmt: skip
+        self._registration_writes = meter.create_counter(
+            "starmesh_control_plane_registration_writes_total",
+            description="Proxies' registration records this replica wrote to the store (--store only).",
+        )
+        self._leader_changes = meter.create_counter(
+            "starmesh_control_plane_leader_changes_total",
+            description="Times this replica became leader or stopped being it (--store only).",
+        )
 
     # -- events ------------------------------------------------------------------------
 
@@ -138,6 +192,12 @@ class ControlPlaneMetrics(Metrics):
     def nacked(self) -> None:
         self._nacks.add(1)
 
+    def registrations_written(self, records: int) -> None:
+        self._registration_writes.add(records)
+
+    def leader_changed(self) -> None:
+        self._leader_changes.add(1)
+
     # -- what the gauges read ------------------------------------------------------------
 
     def observe(
@@ -150,6 +210,15 @@ class ControlPlaneMetrics(Metrics):
         """Where the gauges read, each time they are scraped: proxies by state, the
         rollout's progress, the newest release version."""
         self._proxies, self._rollout, self._release_version = proxies, rollout, release_version
+
+    def observe_replicas(
+        self, *, leading: Callable[[], bool], replicas: Callable[[], int], store: Callable[[], StoreState]
+    ) -> None:
+        """With --store: where the replica gauges read (this replica's role, the live replicas,
+        the etcd store's state); starts the --store counters' series at 0."""
+        self._leading, self._replica_count, self._store = leading, replicas, store
+        self._registration_writes.add(0)
+        self._leader_changes.add(0)
 
     def render(self) -> bytes:
         """Prometheus text (`CONTENT_TYPE`) of every instrument, read now."""
@@ -177,6 +246,16 @@ class ControlPlaneMetrics(Metrics):
 
     def _observe_release(self, _: CallbackOptions) -> Iterable[Observation]:
         return _observations([(self._release_version() or 0, {})])
+
+    def _observe_store(self, _: CallbackOptions) -> Iterable[Observation]:
+        state = self._store()
+        return _observations([(int(state.available), {"kind": state.kind})])
+
+    def _observe_leader(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [] if self._leading is None else _observations([(int(self._leading()), {})])
+
+    def _observe_replicas(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [] if self._leading is None else _observations([(self._replica_count(), {})])
 
 
 def _observations(values: Iterable[tuple[int, dict[str, str]]]) -> list[Observation]:

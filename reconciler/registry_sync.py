@@ -1,8 +1,9 @@
 """Proxies' registrations shared between control-plane replicas, through the store (issue 9).
 
     proxy ─► replica A: Registry.heartbeat / report ─► published(id) ─► newest record per
-                                                                         proxy, queued
-             writer thread: put_many(proxies/<id> ...) ◄─────────────────────┘
+                                                      (changed, or due   proxy, queued
+                                                       for a refresh)           │
+             writer thread (lingers LINGER s): put_many(proxies/<id> ...) ◄─────┘
                                   │ etcd
                                   ▼ watch (every replica's mirror)
     replica B, on its loop: Registry.apply(record, seen_ago) ─► Rollout.on_report, when
@@ -14,12 +15,35 @@ its watch sees them, so every replica's endpoint table and `/v1/status` list eve
 and the leader's rollout counts ACKs and NACKs wherever they were reported. A replica
 ignores its own records coming back through the watch (it applied them first-hand).
 
-Records are written off the event loop, by one thread, in batches of up to `max_batch`.
-The queue keeps one record per proxy (a newer one replaces an older), so it is bounded by
-the registry, however long the store is away: while writes fail the thread keeps the
-records and tries again with jittered backoff (capped at 5 s). Ages travel as wall-clock
-`seen_at`; the receiving registry turns them into its own clock (`seen_ago`), clamped so
-a replica whose clock runs ahead cannot make a record younger than now.
+Fewer writes. A heartbeat that changes nothing but the proxy's age is not worth a write
+to etcd and an apply on every other replica (at 1,000 proxies that was most of an idle
+replica's CPU). `published` queues a record only when what it says changed (service,
+version, address, the release the proxy runs, its last NACK) or when the last record
+written for that proxy is `refresh` seconds old (default ttl/2). Why a live proxy never
+goes stale elsewhere: another replica's `Registry.apply` places the record at its
+`seen_at` and `sweep` marks the proxy stale once that is more than `ttl` ago, so records
+must follow each other within ttl. Contacts come every heartbeat interval, ttl/3 (what the
+heartbeat answer asks for), so a refresh goes out with the first contact at least ttl/2
+after the last write: at most ttl/2 + ttl/3 = 5·ttl/6 later, and 2·ttl/3 later on a steady
+cadence (the second heartbeat after a write). The ttl/6 left covers a late heartbeat and
+the watch's delivery. Every replica must run the same `--proxy-ttl`, as before. The
+flip side: a proxy that stops is marked stale by the other replicas between ttl/2 and ttl
+after its last contact (its last record may be up to ttl/2 older than that contact), by
+its own replica after ttl. A record still waiting in the queue is always replaced by the
+newest (it costs no extra write); a record from another replica about the same proxy (it
+failed over and back) makes the next contact here write at once. `requests_total` rides along whenever a record is written, so
+the other replicas compute a proxy's request rate from sparser samples (about every
+2·ttl/3 instead of ttl/3): the same slope, refreshed less often. `written` counts the
+records put to the store (deletions not included).
+
+Records are written off the event loop, by one thread, in batches of up to `max_batch`:
+after the first record of a batch is queued the writer lingers up to `linger` seconds
+(LINGER) for more, unless the batch fills first, so a burst of heartbeats costs one
+transaction. The queue keeps one record per proxy (a newer one replaces an older), so it
+is bounded by the registry, however long the store is away: while writes fail the thread
+keeps the records and tries again with jittered backoff (capped at 5 s). Ages travel as
+wall-clock `seen_at`; the receiving registry turns them into its own clock (`seen_ago`),
+clamped so a replica whose clock runs ahead cannot make a record younger than now.
 
 The leader prunes: `prune` deletes the records of proxies its registry has forgotten
 (silent for `forget_after`); another replica that still holds such a proxy stale forgets
@@ -41,6 +65,7 @@ from typing import Protocol
 import msgspec
 
 from starmesh.reconciler.errors import InvalidRegistration, ReconcilerError, RegistryFull
+from starmesh.reconciler.metrics import NO_METRICS, Metrics
 from starmesh.reconciler.model import ProxyEntry
 from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout
@@ -52,6 +77,8 @@ log = logging.getLogger("starmesh.reconciler.registry_sync")
 PROXIES_PREFIX = "proxies/"
 MAX_BACKOFF = 5.0
 """The longest wait (seconds) between two tries at writing records while the store fails."""
+LINGER = 0.02
+"""Seconds the writer waits after the first record of a batch for more to join it."""
 STOP_FLUSH = 2.0
 """Seconds `stop` lets the writer go on flushing queued records before it gives up."""
 _FIRST_BACKOFF = 0.1
@@ -91,18 +118,37 @@ class SharedStore(Protocol):
 
 
 _Report = tuple[int | None, str | None, str | None, int | None, str | None]
+_Content = tuple[str, str, str, int | None, str | None, str | None, int | None, str | None]
 
 
 class RegistrySync:
     """Shares this replica's registrations and applies the others' (see the module docs)."""
 
     def __init__(
-        self, store: SharedStore, registry: Registry, rollout: Rollout, replica_id: str, *, max_batch: int = 64
+        self,
+        store: SharedStore,
+        registry: Registry,
+        rollout: Rollout,
+        replica_id: str,
+        *,
+        max_batch: int = 64,
+        linger: float = LINGER,
+        refresh: float | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
+        refresh = registry.ttl / 2 if refresh is None else refresh
+        if max_batch < 1 or linger < 0 or not 0 <= refresh <= registry.ttl:
+            raise ValueError(
+                f"registry sync needs max_batch >= 1, linger >= 0 and 0 <= refresh <= the registry's ttl "
+                f"(got max_batch={max_batch}, linger={linger}, refresh={refresh})"
+            )
         self.store, self.registry, self.rollout = store, registry, rollout
-        self.replica_id, self.max_batch = replica_id, max_batch
+        self.replica_id, self.max_batch, self.linger, self.refresh = replica_id, max_batch, linger, refresh
+        self.metrics = metrics
+        self.written = 0
+        """Proxies' records put to the store so far (deletions not counted)."""
+        self._queued: dict[str, tuple[_Content, float]] = {}  # proxy id -> last record queued: content, seen
+        self._tidy_at = 64
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._pending: dict[str, bytes | None] = {}  # store key -> record (None: delete), oldest first
@@ -137,16 +183,34 @@ class RegistrySync:
     # -- out: this replica's proxies -----------------------------------------------------------
 
     def published(self, proxy_id: str) -> None:
-        """The API changed this proxy's registration here: queue its record (on the loop)."""
+        """The API was in contact with this proxy here (on the loop): queue its record when
+        its content changed or the last one written is `refresh` s old (see the module docs)."""
         entry = self.registry.get(proxy_id)
         if entry is None or self._stopping.is_set():
             return
+        key, content = PROXIES_PREFIX + proxy_id, _content(entry)
+        last = self._queued.get(proxy_id)
+        fresh = last is not None and last[0] == content and entry.seen - last[1] < self.refresh
         seen_at = time.time() - max(0.0, self.registry.clock() - entry.seen)
-        data = msgspec.json.encode(_record_of(entry, self.replica_id, seen_at))
         with self._lock:
-            self._pending.pop(PROXIES_PREFIX + proxy_id, None)  # to the back: newest last
-            self._pending[PROXIES_PREFIX + proxy_id] = data
-        self._wake.set()
+            if fresh and key not in self._pending:
+                return  # nothing new to say, and said recently enough
+            first = not self._pending
+            self._pending.pop(key, None)  # to the back: newest last
+            self._pending[key] = msgspec.json.encode(_record_of(entry, self.replica_id, seen_at))
+            full = len(self._pending) >= self.max_batch
+        self._queued[proxy_id] = (content, entry.seen)
+        if len(self._queued) > self._tidy_at:
+            self._tidy()
+        if first or full:
+            self._wake.set()
+
+    def _tidy(self) -> None:
+        """Drop what `published` remembers of proxies the registry forgot (amortized: when the
+        memory has doubled since the last tidy)."""
+        for proxy_id in [p for p in self._queued if self.registry.get(p) is None]:
+            del self._queued[proxy_id]
+        self._tidy_at = 2 * len(self._queued) + 64
 
     def prune(self) -> None:
         """Leader: delete the records of proxies the registry has forgotten. Quick (the
@@ -173,6 +237,7 @@ class RegistrySync:
         while True:
             self._wake.wait()
             self._wake.clear()
+            self._linger()
             while batch := self._take():
                 if self._stopping.is_set() and time.monotonic() > self._flush_until:
                     return
@@ -187,11 +252,31 @@ class RegistrySync:
                     if self._stopping.wait(random.uniform(delay / 2, delay)):
                         return
                     continue
+                self._count(sum(value is not None for value in batch.values()))
                 if failing:
                     log.warning("registrations: writing proxies' records again")
                 failing, attempt = False, 0
             if self._stopping.is_set():
                 return
+
+    def _linger(self) -> None:
+        """Wait up to `linger` s for more records to join the first, unless a batch fills."""
+        deadline = time.monotonic() + self.linger
+        while not self._stopping.is_set():
+            with self._lock:
+                if len(self._pending) >= self.max_batch:
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
+
+    def _count(self, records: int) -> None:
+        with self._lock:
+            self.written += records
+        if records:
+            self.metrics.registrations_written(records)
 
     def _take(self) -> dict[str, bytes | None]:
         with self._lock:
@@ -234,6 +319,8 @@ class RegistrySync:
             log.warning("registrations: record of proxy %s from replica %s not taken in: %s",
                         record.id, record.replica, exc)  # fmt: skip
             return
+        if applied:
+            self._queued.pop(record.id, None)  # another replica spoke for it: the next contact here writes
         after = self.registry.get(record.id)
         if not applied or after is None or _report(after) == _report(before):
             return
@@ -247,6 +334,7 @@ class RegistrySync:
                       "but could not be saved: %s", record.id, record.replica, exc)  # fmt: skip
 
     def _deleted(self, proxy_id: str) -> None:
+        self._queued.pop(proxy_id, None)
         entry = self.registry.get(proxy_id)
         if entry is not None and entry.stale:  # a live one was in contact since: it stays
             self.registry.forget(proxy_id)
@@ -271,6 +359,14 @@ def _record_of(entry: ProxyEntry, replica: str, seen_at: float) -> RegistrationR
     return RegistrationRecord(
         entry.id, entry.service, entry.version, entry.address, entry.release_version, entry.bundle, entry.error,
         entry.nacked_version, entry.nacked_bundle, counted, seen_at, replica,
+    )  # fmt: skip
+
+
+def _content(entry: ProxyEntry) -> _Content:
+    """What a record says of a proxy, its age and request count aside: a change is written at once."""
+    return (
+        entry.service, entry.version, entry.address, entry.release_version, entry.bundle, entry.error,
+        entry.nacked_version, entry.nacked_bundle,
     )  # fmt: skip
 
 

@@ -10,10 +10,22 @@ that crashes stops renewing, and etcd deletes the record when the lease runs out
 seconds later). No replica ever deletes another's record: the leases are the truth.
 `/v1/status` shows the list under `control_plane.replicas`.
 
-The record says what the replica is (`id`, `url`, `started_at`) and what it last said
-about itself (`role`, `seen_at`); `seen_at` is the replica's own clock, a hint for people,
-never a liveness test (the lease is). This module also holds the two checks the election
-shares: a replica id, and a lease ttl in whole seconds.
+The record says what the replica is (`id`, `url`, `started_at`), what it releases (`key`:
+the id of its signing key, as DSSE signatures carry it; `repo` and `branch`: the policy it
+follows) and what it last said about itself (`role`, `seen_at`); `seen_at` is the
+replica's own clock, a hint for people, never a liveness test (the lease is). `/v1/status`
+adds `seen_seconds_ago` by the answering replica's clock (`to_json(now=...)`); it is never
+stored.
+
+Replicas that disagree. Every replica must sign with the same key and follow the same
+repository and branch: after a failover the new leader signs and releases, and a proxy
+that trusts only the old key NACKs everything, or the mesh jumps to another policy.
+Nothing can stop a replica started with other flags, so each one compares its own record
+with every live replica's (at each refresh, and when asked) and says so: `problems()`
+lists each difference (in `/v1/status` under `control_plane.problems`) and each new one
+is logged once, as an error. A record without these fields (an older replica) is not
+compared. This module also holds the two checks the election shares: a replica id, and
+a lease ttl in whole seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from starmesh.reconciler.errors import StoreError
@@ -72,9 +85,20 @@ class ReplicaInfo:
     role: str
     started_at: str
     seen_at: str
+    key: str | None = None  # the signing key's id (None: an older replica's record)
+    repo: str | None = None
+    branch: str | None = None
 
-    def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "url": self.url, "role": self.role, "started_at": self.started_at, "seen_at": self.seen_at}
+    def to_json(self, *, now: float | None = None) -> dict[str, object]:
+        """The record as stored; with `now` (unix time, the answering replica's clock) also
+        `seen_seconds_ago`, for `/v1/status`."""
+        data: dict[str, object] = {
+            "id": self.id, "url": self.url, "role": self.role, "started_at": self.started_at, "seen_at": self.seen_at,
+            "key": self.key, "repo": self.repo, "branch": self.branch,
+        }  # fmt: skip
+        if now is not None:
+            data["seen_seconds_ago"] = _seconds_ago(self.seen_at, now)
+        return data
 
 
 def decode_replica(value: bytes | None) -> ReplicaInfo | None:
@@ -88,7 +112,23 @@ def decode_replica(value: bytes | None) -> ReplicaInfo | None:
     fields = ("id", "url", "role", "started_at", "seen_at")
     if not isinstance(data, dict) or not all(isinstance(data.get(name), str) for name in fields):
         return None
-    return ReplicaInfo(*(str(data[name]) for name in fields))
+    key, repo, branch = (data.get(name) for name in ("key", "repo", "branch"))
+    replica_id, url, role, started_at, seen_at = (str(data[name]) for name in fields)
+    return ReplicaInfo(
+        replica_id, url, role, started_at, seen_at,
+        key=key if isinstance(key, str) else None,
+        repo=repo if isinstance(repo, str) else None,
+        branch=branch if isinstance(branch, str) else None,
+    )  # fmt: skip
+
+
+def _seconds_ago(stamp: str, now: float) -> float | None:
+    """How long before `now` the RFC 3339 `stamp` was (>= 0), None when it does not parse."""
+    try:
+        then = datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+    return round(max(0.0, now - then), 3)
 
 
 class ReplicaSet:
@@ -102,8 +142,13 @@ class ReplicaSet:
         *,
         ttl: float = 10.0,
         role: Callable[[], str] = lambda: "follower",
+        key: str | None = None,
+        repo: str | None = None,
+        branch: str | None = None,
     ) -> None:
         self.replica_id = check_replica_id(replica_id)
+        self.signing_key, self.repo, self.branch = key, repo, branch
+        self._told: set[str] = set()  # the problems logged, so each is logged once
         self.url = url
         self.ttl = lease_seconds(ttl)
         self.key = REPLICAS_PREFIX + replica_id
@@ -135,6 +180,7 @@ class ReplicaSet:
                 if failures:
                     log.info("replica %s renews its record again", self.replica_id)
                 failures, delay = 0, self._every
+            self.problems()  # logs the differences that are new
             await pause(stop, self._wake, delay)
 
     def refresh(self) -> None:
@@ -153,6 +199,30 @@ class ReplicaSet:
             if info is not None and REPLICAS_PREFIX + info.id == key:
                 found.append(info)
         return sorted(found, key=lambda info: info.id)
+
+    def problems(self) -> list[str]:
+        """How the other live replicas differ from this one in signing key, repository or
+        branch, one sentence each (see the module docs); each new one is logged once."""
+        found: list[str] = []
+        for other in self.replicas():
+            if other.id == self.replica_id:
+                continue
+            if None not in (other.key, self.signing_key) and other.key != self.signing_key:
+                found.append(
+                    f"replica {other.id} signs with key {other.key}, this one ({self.replica_id}) with "
+                    f"{self.signing_key}: proxies trusting only one key will NACK releases after a failover"
+                )
+            ours, theirs = (self.repo, self.branch), (other.repo, other.branch)
+            if None not in (*ours, *theirs) and ours != theirs:
+                found.append(
+                    f"replica {other.id} follows {other.repo} branch {other.branch}, this one ({self.replica_id}) "
+                    f"{self.repo} branch {self.branch}: a failover would release another policy"
+                )
+        for problem in found:
+            if problem not in self._told:
+                log.error("%s", problem)
+        self._told = set(found)  # a difference that went and came back is logged again
+        return found
 
     async def leave(self) -> None:
         """Clean stop: revoke the lease (etcd deletes the record at once) and stop `run`.
@@ -174,7 +244,9 @@ class ReplicaSet:
                 await revoke_quietly(self._store, lease, f"replica {self.replica_id}")
                 return
             self._lease = lease
-        record = ReplicaInfo(self.replica_id, self.url, self._role(), self.started_at, utc_now())
+        record = ReplicaInfo(
+            self.replica_id, self.url, self._role(), self.started_at, utc_now(), self.signing_key, self.repo, self.branch
+        )
         value = json.dumps(record.to_json(), sort_keys=True, separators=(",", ":")).encode()
         await asyncio.to_thread(self._store.put_leased, self.key, value, lease)
 

@@ -47,7 +47,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from starmesh.bundle.errors import BundleError
-from starmesh.bundle.keys import PrivateKey, load_private_key
+from starmesh.bundle.keys import PrivateKey, keyid_of, load_private_key
 from starmesh.bundle.release import DEFAULT_TTL
 from starmesh.reconciler.api import ApiDeps, make_app
 from starmesh.reconciler.ca import load_ca
@@ -100,6 +100,9 @@ class ControlPlaneConfig:
     replica_id: str = "control-plane"  # with store: this replica's name among the others
     advertise_url: str | None = None  # with store: where the other replicas reach this one (default: --listen)
     leader_ttl: float = 10.0  # with store: the leader lease, seconds (failover time vs false failovers)
+    store_ca: str | None = None  # with store: PEM CA of etcd's server certificates (HTTPS to etcd)
+    store_cert: str | None = None  # with store: PEM client certificate for etcd (with store_key)
+    store_key: str | None = None  # with store: its PEM private key
 
 
 class ControlPlane:
@@ -116,7 +119,9 @@ class ControlPlane:
         else:
             from starmesh.reconciler.ha import ReplicaSettings, Replication
 
-            self.replication = Replication(ReplicaSettings(config.store, config.replica_id, config.leader_ttl))
+            self.replication = Replication(ReplicaSettings(
+                config.store, config.replica_id, config.leader_ttl, config.store_ca, config.store_cert, config.store_key
+            ))  # fmt: skip
             self.replication.open()  # the mirror: every read below comes from it
             store = self.replication.store.fenced(self.replication.fence)
         self.ledger = Ledger(store)
@@ -241,6 +246,10 @@ class ControlPlane:
             on_change=self._role_changed,
             on_release=lambda: self._after_pass(None),
             client_ssl=self._client_ssl(),
+            signing_key=keyid_of(self.issuer.key),
+            repo=self.config.repo,
+            branch=self.config.branch,
+            metrics=self.metrics,
         )
         self._after_pass(None)  # a release in the store: ready at once
 

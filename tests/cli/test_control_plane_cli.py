@@ -170,7 +170,7 @@ def test_help_names_every_option_and_shows_an_example() -> None:
     assert result.exit_code == 0
     for option in ("--repo", "--branch", "--key", "--state-dir", "--listen", "--subdir", "--entry",
                    "--poll-interval", "--proxy-ttl", "--release-ttl", "--ca", "--join-token", "--cert-lifetime",
-                   "--store", "--replica-id", "--advertise-url", "--leader-ttl"):
+                   "--store", "--replica-id", "--advertise-url", "--leader-ttl", "--store-ca", "--store-cert", "--store-key"):
         assert option in result.stdout
     assert "Example:" in result.stdout and "starmesh control-plane --repo" in result.stdout
 

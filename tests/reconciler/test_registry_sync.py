@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +76,16 @@ def replicas(etcd_server: Any, tmp_path: Path, h: Any) -> Callable[[], Any]:
     async def make() -> AsyncIterator[Start]:
         started: list[Replica] = []
 
-        async def start(name: str, *, writable: bool = False, forget_after: float = 600.0) -> Replica:
+        async def start(
+            name: str, *, writable: bool = False, forget_after: float = 600.0, ttl: float = 30.0,
+            clock: Callable[[], float] = time.monotonic, wrap: Callable[[EtcdStore], Any] = lambda s: s, **sync: Any,
+        ) -> Replica:  # fmt: skip
             store = EtcdStore(parse_etcd_url(etcd_server.url), timeout=2.0, probe_interval=0.2)
             await asyncio.to_thread(store.start)
-            registry = Registry(ttl=30, forget_after=forget_after, warmup=0)
+            registry = Registry(ttl=ttl, forget_after=forget_after, warmup=0, clock=clock)
             ledger = Ledger(store)
             rollout = Rollout(ledger, Issuer(ledger, signer), registry, writable=writable)
-            sync = RegistrySync(store, registry, rollout, name)
+            sync = RegistrySync(wrap(store), registry, rollout, name, **sync)
             replica = Replica(name, store, registry, ledger, rollout, sync)
             started.append(replica)
             sync.start(asyncio.get_running_loop())
@@ -220,5 +223,115 @@ def test_records_published_while_etcd_is_down_are_written_once_it_is_back(
                           "b's table with both proxies' newest addresses")  # fmt: skip
             assert caplog.text.count("cannot write proxies' records") == 1  # once per failure, not per try
             assert "writing proxies' records again" in caplog.text
+
+    h.run(main)
+
+
+# -- fewer writes: a record when it says something new, or to keep the proxy live elsewhere --
+
+
+def test_unchanged_heartbeats_are_written_once_per_refresh_window_and_changes_at_once(replicas: Any, h: Any) -> None:
+    async def main() -> None:
+        async with replicas() as start:
+            clock = h.Clock(1000.0)
+            a, b = await start("a", clock=clock), await start("b")  # ttl 30: a refresh after 15 s
+            assert a.sync.refresh == 15
+
+            def beat(count: int, address: str = "127.0.0.1:9001") -> None:
+                a.registry.heartbeat("p1", "reviews", "v1", address, release_version=None, bundle=None,
+                                     requests_total=count)  # fmt: skip
+                a.sync.published("p1")
+
+            def stored() -> RegistrationRecord:
+                raw = a.store.get(PROXIES_PREFIX + "p1")
+                assert raw is not None
+                return msgspec.json.decode(raw, type=RegistrationRecord)
+
+            beat(0)
+            await h.until(lambda: b.live("p1"), "p1 on b")
+            written_counts = []
+            for n in range(1, 6):  # heartbeats every ttl/3 (10 s), unchanged: written at 20 and 40 s only
+                clock.now += 10
+                beat(n)
+                a.heartbeat(f"marker{n}", f"127.0.0.1:{9100 + n}")  # queued after p1: written with it or after
+                await h.until(lambda: a.store.get(f"{PROXIES_PREFIX}marker{n}") is not None, f"marker {n} written")
+                written_counts.append(stored().requests_total)  # the count rides along with each write
+            assert written_counts == [0, 2, 2, 4, 4]
+            await h.until(lambda: a.sync.written == 3 + 5, "p1 three times, five markers")
+
+            clock.now += 1  # well inside the window: a change goes out at once
+            a.heartbeat("p1", "127.0.0.1:9011")
+            await h.until(lambda: (e := b.registry.get("p1")) is not None and e.address == "127.0.0.1:9011",
+                          "p1's new address on b")  # fmt: skip
+            clock.now += 1
+            a.registry.report("p1", 3, "sha256:" + "ab" * 32, None)  # an ACK: written at once too
+            a.sync.published("p1")
+            await h.until(lambda: (e := b.registry.get("p1")) is not None and e.release_version == 3, "p1's ACK on b")
+            await h.until(lambda: a.sync.written == 10, "the change and the ACK counted")
+            clock.now += 1
+            beat(7, "127.0.0.1:9011")  # and an unchanged heartbeat right after is not
+            a.heartbeat("marker6", "127.0.0.1:9106")
+            await h.until(lambda: a.sync.written == 11, "the last marker")
+            assert stored().requests_total is None  # from the ACK's record, not the heartbeat's
+
+    h.run(main)
+
+
+def test_the_other_replica_never_sees_a_heartbeating_proxy_go_stale(replicas: Any, h: Any) -> None:
+    async def main() -> None:
+        async with replicas() as start:
+            ttl = 3.0  # heartbeats every 1 s; a record at least every 2 s; stale after 3 s without one
+            a, b = await start("a", ttl=ttl), await start("b", ttl=ttl)
+            a.heartbeat("p1", "127.0.0.1:9001")
+            await h.until(lambda: b.live("p1"), "p1 on b")
+            seen_stale = False
+            done = asyncio.Event()
+
+            async def watch_b() -> None:
+                nonlocal seen_stale
+                while not done.is_set():
+                    seen_stale = seen_stale or not b.live("p1")
+                    await asyncio.sleep(0.05)
+
+            watching = asyncio.create_task(watch_b())
+            beats = 7
+            for _ in range(beats):
+                await asyncio.sleep(ttl / 3)
+                a.heartbeat("p1", "127.0.0.1:9001")
+            done.set()
+            await watching
+            assert not seen_stale and a.sync.written > 1  # refreshed, never stale
+
+    h.run(main)
+
+
+class CountingStore:
+    """The real store, counting `put_many` calls and what each wrote."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+        self.batches: list[list[str]] = []
+        self.get, self.keys, self.subscribe = store.get, store.keys, store.subscribe
+
+    def put_many(self, items: Mapping[str, bytes | None]) -> None:
+        self.store.put_many(items)
+        self.batches.append(sorted(items))
+
+
+def test_the_writer_lingers_for_a_batch_until_it_is_full(replicas: Any, h: Any) -> None:
+    async def main() -> None:
+        async with replicas() as start:
+            counted: list[CountingStore] = []
+
+            def wrap(store: EtcdStore) -> CountingStore:
+                counted.append(CountingStore(store))
+                return counted[-1]
+
+            a = await start("a", wrap=wrap, linger=3600.0, max_batch=3)  # lingers for ever unless full
+            for n in range(3):
+                a.heartbeat(f"p{n}", f"127.0.0.1:{9001 + n}")
+                await asyncio.sleep(0.05)  # the writer has woken up for the first one meanwhile
+            await h.until(lambda: a.sync.written == 3, "the full batch written")
+            assert counted[0].batches == [["proxies/p0", "proxies/p1", "proxies/p2"]]  # in one put_many
 
     h.run(main)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import time
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -13,7 +16,7 @@ import pytest
 from starmesh.reconciler.election import LeaderElection
 from starmesh.reconciler.etcd_client import parse_etcd_url
 from starmesh.reconciler.etcd_store import EtcdStore
-from starmesh.reconciler.replicas import REPLICAS_PREFIX, ReplicaSet, check_replica_id, lease_seconds
+from starmesh.reconciler.replicas import REPLICAS_PREFIX, ReplicaInfo, ReplicaSet, check_replica_id, lease_seconds
 
 TTL = 2.0
 """Seconds: a crashed replica's record goes this long after its last renewal."""
@@ -61,10 +64,16 @@ def test_good_ids_and_ttls() -> None:
 class Member:
     """One replica's ReplicaSet on its own store, running until stopped or crashed."""
 
-    def __init__(self, store: EtcdStore, replica_id: str, ttl: float = TTL) -> None:
+    def __init__(
+        self, store: EtcdStore, replica_id: str, ttl: float = TTL, *, key: str | None = "k1",
+        repo: str | None = "https://git.test/mesh.git", branch: str | None = "main",
+    ) -> None:  # fmt: skip
         self.store = store
         self.role = "follower"
-        self.set = ReplicaSet(store, replica_id, f"http://{replica_id}.test", ttl=ttl, role=lambda: self.role)
+        self.set = ReplicaSet(
+            store, replica_id, f"http://{replica_id}.test", ttl=ttl, role=lambda: self.role,
+            key=key, repo=repo, branch=branch,
+        )  # fmt: skip
         self.stop = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.set.run(self.stop))
 
@@ -91,8 +100,12 @@ def test_replicas_join_leave_and_crash(stores: Callable[[], EtcdStore], h: Any) 
                 "role": "follower",
                 "started_at": members[1].set.started_at,
                 "seen_at": first.seen_at,
+                "key": "k1",
+                "repo": "https://git.test/mesh.git",
+                "branch": "main",
             }
             assert first.seen_at.endswith("Z") and first.started_at <= first.seen_at
+            assert all(m.set.problems() == [] for m in members)  # all alike: nothing to say
 
             # records are rewritten: the role as it is now, seen_at moving on
             members[1].role = "leader"
@@ -141,5 +154,55 @@ def test_a_replica_whose_lease_expired_writes_its_record_again(stores: Callable[
             )
         finally:
             await member.crash()
+
+    h.run(main)
+
+
+def test_status_ages_come_from_the_answering_replicas_clock() -> None:
+    seen = datetime.fromisoformat("2026-11-26T17:00:00.000Z").timestamp()
+    info = ReplicaInfo("r1", "http://r1.test", "leader", "2026-11-26T16:59:00.000Z", "2026-11-26T17:00:00.000Z")
+    assert "seen_seconds_ago" not in info.to_json()  # stored without it
+    assert info.to_json(now=seen + 2.5)["seen_seconds_ago"] == 2.5
+    assert info.to_json(now=seen - 3)["seen_seconds_ago"] == 0.0  # a replica whose clock runs ahead
+    odd = ReplicaInfo("r1", "http://r1.test", "leader", "x", "yesterday")
+    assert odd.to_json(now=time.time())["seen_seconds_ago"] is None
+
+
+def test_replicas_that_sign_with_another_key_or_follow_another_branch_say_so(
+    stores: Callable[[], EtcdStore], h: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "starmesh.control_plane.replicas")
+
+    async def main() -> None:
+        r1 = Member(stores(), "r1", key="aaaa")
+        r2 = Member(stores(), "r2", key="bbbb", branch="release")
+        old = Member(stores(), "r3", key=None, repo=None, branch=None)  # an older replica: not compared
+        try:
+            await h.until(lambda: all(ids(m.set) == ["r1", "r2", "r3"] for m in (r1, r2, old)), "three replicas")
+            assert r1.set.problems() == [
+                "replica r2 signs with key bbbb, this one (r1) with aaaa: proxies trusting only one key will NACK "
+                "releases after a failover",
+                "replica r2 follows https://git.test/mesh.git branch release, this one (r1) https://git.test/mesh.git "
+                "branch main: a failover would release another policy",
+            ]
+            assert r2.set.problems() == [
+                "replica r1 signs with key aaaa, this one (r2) with bbbb: proxies trusting only one key will NACK "
+                "releases after a failover",
+                "replica r1 follows https://git.test/mesh.git branch main, this one (r2) https://git.test/mesh.git "
+                "branch release: a failover would release another policy",
+            ]
+            assert old.set.problems() == []
+            for _ in range(3):  # asked again (and at every refresh): logged once per difference
+                r1.set.problems()
+            await h.until(lambda: "replica r1 signs with key aaaa" in caplog.text, "r2's log")
+            assert caplog.text.count("replica r2 signs with key bbbb, this one (r1)") == 1
+            assert caplog.text.count("replica r2 follows") == 1
+
+            await r2.crash()  # gone once its lease runs out: nothing left to say
+            await h.until(lambda: ids(r1.set) == ["r1", "r3"], "r2 gone")
+            assert r1.set.problems() == []
+        finally:
+            for member in (r1, r2, old):
+                await member.crash()
 
     h.run(main)
