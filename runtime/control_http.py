@@ -3,6 +3,9 @@
     Channel(settings)   one aiohttp session, the URLs (`Targets`) and the limits, shared by
                         the client's loops (control.py, control_endpoints.py) and its
                         reporter (control_report.py)
+    Channel(settings, session=s)   the same on a session someone else owns (a fleet of
+                        simulated proxies shares one pool, fleet.py): `open` and `close`
+                        leave it alone
 
     channel.request("GET", url, cap=64 KiB, deadline=45 s, what="release")  ─► Answer(status, headers, body)
          │ a Content-Length over the cap: refused before reading
@@ -135,13 +138,13 @@ def snippet(body: bytes, limit: int = 200) -> str:
     return text + ("…" if len(body) > limit else "")
 
 
-def new_session(*, connections: int = 8) -> aiohttp.ClientSession:
+def new_session(*, connections: int = 8, user_agent: str = "starmesh-proxy") -> aiohttp.ClientSession:
     """The client's one session: bounded connections, no decompression, no proxy from the environment."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections),
         timeout=aiohttp.ClientTimeout(total=None),
         auto_decompress=False,
-        headers={"Accept-Encoding": "identity", "User-Agent": "starmesh-proxy"},
+        headers={"Accept-Encoding": "identity", "User-Agent": user_agent},
         trust_env=False,
     )
 
@@ -182,7 +185,9 @@ class Backoff:
 
 
 class Targets:
-    """The control-plane URLs in failover order, the one in use, and the contact state."""
+    """The control-plane URLs in failover order, the one in use, and the contact state.
+
+    `failovers` counts the moves to the next URL (a failure of the URL in use)."""
 
     def __init__(self, urls: tuple[str, ...], *, clock: Callable[[], float] = time.monotonic) -> None:
         if not urls:
@@ -194,6 +199,7 @@ class Targets:
         self.last_contact: str | None = None
         self._last_contact_at: float | None = None
         self.last_failure: str | None = None
+        self.failovers = 0
         self._said_down = False
 
     @property
@@ -225,6 +231,7 @@ class Targets:
             self._said_down = True
         self.connected = False
         self._index = (self._index + 1) % len(self.urls)
+        self.failovers += 1
 
     def age(self) -> float | None:
         """Seconds since the last contact (None: never)."""
@@ -235,19 +242,24 @@ class Targets:
 
 
 class Channel:
-    """The client's one session, its URLs (`targets`) and `limits`; `open` before use."""
+    """The client's one session, its URLs (`targets`) and `limits`; `open` before use.
 
-    def __init__(self, settings: ControlPlaneSettings) -> None:
+    Given a `session`, the channel uses that one and does not own it: `open` and `close`
+    leave it alone (its owner closes it, after the channel's last request)."""
+
+    def __init__(self, settings: ControlPlaneSettings, *, session: aiohttp.ClientSession | None = None) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.targets = Targets(settings.urls)
-        self._session: aiohttp.ClientSession | None = None
+        self._session = session
+        self._owns_session = session is None
 
     def open(self) -> None:
-        self._session = new_session()
+        if self._owns_session:
+            self._session = new_session()
 
     async def close(self) -> None:
-        if self._session is not None:
+        if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
 

@@ -12,6 +12,13 @@ report that does not get through is kept, only the latest one (a bound), and sen
 again after the next heartbeat; a 404 (the control plane does not know this id yet,
 or forgot it) gets a heartbeat and one more try. Failures move the shared `Targets`
 to the next URL and back off like the other loops.
+
+What the reporter needs to know about the proxy is small and given as callables: what
+it runs (`Running`: a release version and a bundle digest; runtime/apply.py's
+`AppliedConfig` is one), its address, its request count. So the simulated proxies of
+fleet_proxy.py, which run no route table, report with this same code; they also listen
+to the outcome (`on_heartbeat`, `on_accepted`) and spread a fleet's first heartbeats
+(`stagger`).
 """
 
 from __future__ import annotations
@@ -20,15 +27,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from starmesh.runtime.apply import AppliedConfig
 from starmesh.runtime.control_http import Backoff, Channel, snippet
 from starmesh.runtime.errors import ControlPlaneError
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "Running"]
 
 log = logging.getLogger("starmesh.proxy")
 
@@ -40,21 +46,38 @@ class _HeartbeatAnswer(msgspec.Struct, frozen=True):
     heartbeat_seconds: float | None = None
 
 
+class Running(Protocol):
+    """What the heartbeat says the proxy runs (runtime/apply.py's `AppliedConfig` is one)."""
+
+    @property
+    def release_version(self) -> int | None: ...
+
+    @property
+    def digest(self) -> str: ...
+
+
 class Reporter:
     """Sends heartbeats (`run`) and ACK/NACK reports (`report`) over the client's channel.
 
-    `applied` gives the live config (what the heartbeat says it runs); `address` the
-    inbound listener's bound address; `requests_total` the requests answered so far
-    (the telemetry recorder's count; without it the heartbeat leaves the field out)."""
+    `applied` gives what the proxy runs (None: nothing yet); `address` the inbound
+    listener's bound address; `requests_total` the requests answered so far (the
+    telemetry recorder's count; without it the heartbeat leaves the field out).
+    `on_heartbeat()` hears every accepted heartbeat; `on_accepted(version, bundle, error)`
+    every report the control plane accepted (2xx). `stagger` makes the first wait after a
+    heartbeat a random part of the interval (a fleet started at once does not heartbeat
+    in one burst; a real proxy starts on its own and does not need it)."""
 
     def __init__(
         self,
         channel: Channel,
         *,
-        applied: Callable[[], AppliedConfig | None],
+        applied: Callable[[], Running | None],
         address: Callable[[], str],
         rng: random.Random,
         requests_total: Callable[[], int] | None = None,
+        on_heartbeat: Callable[[], None] = lambda: None,
+        on_accepted: Callable[[int | None, str | None, str | None], None] = lambda version, bundle, error: None,
+        stagger: bool = False,
     ) -> None:
         self.channel = channel
         self.settings = channel.settings
@@ -62,6 +85,9 @@ class Reporter:
         self._applied = applied
         self._address = address
         self._requests_total = requests_total
+        self._on_heartbeat = on_heartbeat
+        self._on_accepted = on_accepted
+        self._stagger = stagger
         self._rng = rng
         self.heartbeat_seconds = self.limits.heartbeat_seconds
         self._pending: dict[str, Any] | None = None
@@ -98,6 +124,8 @@ class Reporter:
             self._pending = None
         if answer.status >= 300:
             log.warning("status report %s to %s answered HTTP %s: %s", report, url, answer.status, snippet(answer.body))
+        else:
+            self._on_accepted(report["version"], report["bundle"], report["error"])
 
     async def heartbeat(self, url: str) -> None:
         """One heartbeat to `url`; takes the interval from the answer. ControlPlaneError when refused."""
@@ -124,10 +152,12 @@ class Reporter:
             seconds = None
         if seconds is not None:
             self.heartbeat_seconds = min(_MAX_HEARTBEAT, max(_MIN_HEARTBEAT, seconds))
+        self._on_heartbeat()
 
     async def run(self) -> None:
         """The heartbeat loop (runs until cancelled); a kept report follows each heartbeat."""
         backoff = Backoff(self.limits.backoff_base, self.limits.backoff_cap, self._rng)
+        phase = self._stagger
         while True:
             url = self.channel.targets.current
             try:
@@ -138,4 +168,5 @@ class Reporter:
                 continue
             backoff.reset()
             await self._send()
-            await asyncio.sleep(self.heartbeat_seconds)
+            await asyncio.sleep(self.heartbeat_seconds * (self._rng.random() if phase else 1.0))
+            phase = False

@@ -36,7 +36,7 @@ from types import TracebackType
 import aiohttp
 
 from starmesh.bundle.keys import PublicKey
-from starmesh.runtime.control_http import ControlLimits, ControlPlaneSettings
+from starmesh.runtime.control_http import ControlLimits, ControlPlaneSettings, new_session
 from starmesh.runtime.errors import ProxyError
 from starmesh.runtime.fleet_proxy import Acked, ProxySnapshot, SimulatedProxy
 
@@ -196,13 +196,8 @@ class Fleet:
         ensure_open_files(FILES_PER_PROXY * config.size + SPARE_FILES)
         loop = asyncio.get_running_loop()
         tally = self._tally = _Tally(self._clock)
-        session = self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=FILES_PER_PROXY * config.size + 16),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            headers={"Accept-Encoding": "identity", "User-Agent": "starmesh-fleet"},
-            trust_env=False,
-        )
+        connections = FILES_PER_PROXY * config.size + 16
+        session = self._session = new_session(connections=connections, user_agent="starmesh-fleet")
         rng = random.Random(config.seed)
         urls = config.control_planes
         for index in range(config.size):

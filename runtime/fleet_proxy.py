@@ -3,16 +3,18 @@
 A `SimulatedProxy` speaks to the control plane exactly as a proxy's control-plane client
 (control.py, control_report.py) does, with the proxy's own pieces: `Channel.request`
 (byte caps, deadlines), `Targets` (failover across the `--control-plane` URLs), `Backoff`
-(jittered), `verify_release` (signature, payload type, trusted key, version, expiry):
+(jittered), `Reporter` (heartbeats and ACK/NACK reports), `verify_release` (signature,
+payload type, trusted key, version, expiry):
 
     heartbeat  POST /v1/proxies/ID {service, version, address, release_version, bundle,
-               requests_total: 0} every `heartbeat_seconds` the answer names
+               requests_total: 0} every `heartbeat_seconds` the answer names (Reporter;
+               the first wait is a random part of it, so a fleet does not beat in step)
     releases   GET /v1/release?after=N&proxy=ID&wait=30
                  │ 200 ─► verify_release ──── refused ───► NACK {version, bundle, error}
                  ▼                                         then 1 s doubling to 60 s
                GET /v1/bundles/<digest>, once per digest ─► sha256 ── mismatch ──► NACK
                  ▼
-               ACK POST /v1/proxies/ID/status {version, bundle, error: null}
+               ACK POST /v1/proxies/ID/status {version, bundle, error: null} (Reporter)
 
 What it leaves out is the data plane: no listeners, no route table, no bundle decoding,
 validation or golden requests, no last-known-good on disk, no endpoints long-poll. A
@@ -20,7 +22,7 @@ bundle's bytes are hashed and dropped; the proxy remembers the digests it has ch
 (the last `KNOWN_DIGESTS`), so a release naming one of them is applied without a fetch
 (a real proxy re-fetches only a digest it no longer has; here every fetch is counted).
 
-It never owns the connection pool: its `Channel` uses the fleet's one session. Plain
+It never owns the connection pool: its `Channel` is given the fleet's one session. Plain
 HTTP only (no `--ca-cert`, no workload certificate).
 """
 
@@ -36,12 +38,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import msgspec
 
 from starmesh.bundle.canonical import digest_of
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.release import verify_release
-from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlPlaneSettings, Targets, snippet
+from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlPlaneSettings, snippet
+from starmesh.runtime.control_report import Reporter
 from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge
 
 __all__ = ["KNOWN_DIGESTS", "ProxySnapshot", "SimulatedProxy"]
@@ -51,15 +53,16 @@ log = logging.getLogger("starmesh.fleet")
 KNOWN_DIGESTS = 16
 """Digests a simulated proxy remembers (checked ones, and fetch counts): a bound."""
 
-_MIN_HEARTBEAT = 0.1
-_MAX_HEARTBEAT = 60.0
-
 Acked = tuple[int | None, str]
 """What an ACK the control plane accepted named: (release version, bundle digest)."""
 
 
-class _HeartbeatAnswer(msgspec.Struct, frozen=True):
-    heartbeat_seconds: float | None = None
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """What a simulated proxy runs, as its heartbeat says it (control_report.Running)."""
+
+    release_version: int | None
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,34 +87,6 @@ class ProxySnapshot:
     last_error: str | None
 
 
-class _CountingTargets(Targets):
-    """The proxy's `Targets`, counting failovers (a failure of the URL in use moves on)."""
-
-    failovers = 0
-
-    def failed(self, url: str, reason: str) -> None:
-        moved = url == self.current
-        super().failed(url, reason)
-        if moved:
-            self.failovers += 1
-
-
-class _SharedChannel(Channel):
-    """A `Channel` on the fleet's session: opening and closing it leave the session alone."""
-
-    def __init__(self, settings: ControlPlaneSettings, session: aiohttp.ClientSession) -> None:
-        super().__init__(settings)
-        self.counting = _CountingTargets(settings.urls)
-        self.targets = self.counting
-        self._session = session
-
-    def open(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
 class SimulatedProxy:
     """A proxy's control channel (see the module docstring); `run` until cancelled.
 
@@ -131,12 +106,15 @@ class SimulatedProxy:
         self.settings = settings
         self.limits = settings.limits
         self.address = address
-        self.channel = _SharedChannel(settings, session)
-        self.targets = self.channel.counting
+        self.channel = Channel(settings, session=session)
+        self.targets = self.channel.targets
         self._rng = rng
         self._on_registered = on_registered
         self._on_acked = on_acked
-        self.heartbeat_seconds = self.limits.heartbeat_seconds
+        self.reporter = Reporter(
+            self.channel, applied=self._running, address=lambda: address, rng=rng, requests_total=lambda: 0,
+            on_heartbeat=self._heartbeat_accepted, on_accepted=self._report_accepted, stagger=True,
+        )  # fmt: skip
         self.registered = False
         self.release_version: int | None = None
         self.bundle: str | None = None
@@ -147,7 +125,6 @@ class SimulatedProxy:
         self.acks = 0
         self.nacks = 0
         self.last_error: str | None = None
-        self._pending: dict[str, Any] | None = None
         self._nack_backoff = Backoff(self.limits.nack_backoff_base, self.limits.nack_backoff_cap, rng)
         self._nacked: int | None = None
 
@@ -168,83 +145,22 @@ class SimulatedProxy:
     async def run(self) -> None:
         """The heartbeat and release loops, until cancelled."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(_supervised(self.id, "heartbeats", self._heartbeat_loop))
+            group.create_task(_supervised(self.id, "heartbeats", self.reporter.run))
             group.create_task(_supervised(self.id, "releases", self._release_loop))
 
-    # -- heartbeats and reports --------------------------------------------------------
+    # -- heartbeats and reports (the Reporter's) ----------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
-        backoff = Backoff(self.limits.backoff_base, self.limits.backoff_cap, self._rng)
-        first = True
-        while True:
-            url = self.targets.current
-            try:
-                await self._heartbeat(url)
-            except ControlPlaneError as exc:
-                self.targets.failed(url, str(exc))
-                await asyncio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            await self._send()
-            # A fleet starts all at once; a random first phase keeps its heartbeats from
-            # arriving in one burst every interval (real proxies start at different times).
-            await asyncio.sleep(self.heartbeat_seconds * (self._rng.random() if first else 1.0))
-            first = False
+    def _running(self) -> _Running | None:
+        return None if self.bundle is None else _Running(self.release_version, self.bundle)
 
-    async def _heartbeat(self, url: str) -> None:
-        body = {
-            "service": self.settings.service, "version": self.settings.version, "address": self.address,
-            "release_version": self.release_version, "bundle": self.bundle, "requests_total": 0,
-        }  # fmt: skip
-        answer = await self.channel.request("POST", f"{url}/v1/proxies/{self.id}", cap=self.limits.answer_bytes,
-                                            deadline=self.limits.request_seconds, what="heartbeat", body=body)
-        if answer.status >= 300:
-            raise ControlPlaneError(f"heartbeat (POST {url}): HTTP {answer.status}: {snippet(answer.body)}")
-        self.targets.succeeded(url)
-        try:
-            seconds = msgspec.json.decode(answer.body, type=_HeartbeatAnswer).heartbeat_seconds
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            seconds = None
-        if seconds is not None:
-            self.heartbeat_seconds = min(_MAX_HEARTBEAT, max(_MIN_HEARTBEAT, seconds))
+    def _heartbeat_accepted(self) -> None:
         if not self.registered:
             self.registered = True
             self._on_registered()
 
-    async def _report(self, version: int | None, bundle: str | None, error: str | None) -> None:
-        """ACK (error None) or NACK; the latest one is kept and re-sent after a heartbeat if it fails."""
-        self._pending = {"version": version, "bundle": bundle, "error": error}
-        await self._send()
-
-    async def _send(self, *, retried: bool = False) -> None:
-        report = self._pending
-        if report is None:
-            return
-        url = self.targets.current
-        try:
-            answer = await self.channel.request(
-                "POST", f"{url}/v1/proxies/{self.id}/status", cap=self.limits.answer_bytes,
-                deadline=self.limits.request_seconds, what="status report", body=report,
-            )  # fmt: skip
-        except ControlPlaneError as exc:
-            self.targets.failed(url, str(exc))
-            return
-        self.targets.succeeded(url)
-        if answer.status == 404 and not retried:  # not registered here yet (or forgotten)
-            try:
-                await self._heartbeat(url)
-            except ControlPlaneError as exc:
-                self.targets.failed(url, str(exc))
-                return
-            await self._send(retried=True)
-            return
-        if self._pending is report:
-            self._pending = None
-        if answer.status >= 300:
-            log.warning("proxy %s: status report to %s answered HTTP %s: %s", self.id, url, answer.status,
-                        snippet(answer.body))
-        elif report["error"] is None and report["bundle"] is not None:
-            old, self.acked = self.acked, (report["version"], report["bundle"])
+    def _report_accepted(self, version: int | None, bundle: str | None, error: str | None) -> None:
+        if error is None and bundle is not None:
+            old, self.acked = self.acked, (version, bundle)
             self._on_acked(old, self.acked)
 
     # -- releases ----------------------------------------------------------------------
@@ -302,7 +218,7 @@ class SimulatedProxy:
         self._nacked = None
         self._nack_backoff.reset()
         self.acks += 1
-        await self._report(release.version, release.bundle, None)
+        await self.reporter.report(release.version, release.bundle, None)
         return True
 
     async def _check_bundle(self, url: str, digest: str) -> None:
@@ -325,7 +241,7 @@ class SimulatedProxy:
         """Report the NACK, then wait 1 s doubling to 60 s while the same version is NACKed."""
         self.nacks += 1
         self.last_error = reason
-        await self._report(version, bundle, reason)
+        await self.reporter.report(version, bundle, reason)
         if version != self._nacked:
             self._nacked = version
             self._nack_backoff.reset()

@@ -27,7 +27,8 @@ import pytest
 
 from starmesh.bundle.canonical import digest_of
 from starmesh.bundle.keys import PrivateKey
-from starmesh.runtime.control_http import Backoff, ControlLimits
+from starmesh.runtime.control_http import Backoff, Channel, ControlLimits, ControlPlaneSettings, Targets, new_session
+from starmesh.runtime.control_report import Reporter
 from starmesh.runtime.lkg import load_state
 from starmesh.runtime.proxy import CONTROL_PLANE_PLAINTEXT_NOTICE, Proxy, ProxyConfig
 
@@ -371,3 +372,57 @@ def test_failover_across_control_plane_urls(
             assert proxy.applier.applied is not None and proxy.applier.applied.digest == published.digest
 
     asyncio.run(go())
+
+
+# -- the channel and the reporter on a session they do not own (fleet_proxy.py's way) ----
+
+
+@dataclass(frozen=True)
+class Runs:
+    """What a proxy without a route table runs (control_report.Running)."""
+
+    release_version: int | None
+    digest: str
+
+
+def test_a_reporter_on_a_shared_session(cp: Any) -> None:
+    digest = "sha256:" + "ab" * 32
+    settings = ControlPlaneSettings(urls=(cp.url,), trusted=(), proxy_id="sim-1", service="fleet", version="v1")
+
+    async def go() -> None:
+        session = new_session(user_agent="starmesh-test")
+        heard: list[str] = []
+        accepted: list[tuple[int | None, str | None, str | None]] = []
+        try:
+            channel = Channel(settings, session=session)
+            channel.open()
+            reporter = Reporter(
+                channel, applied=lambda: Runs(4, digest), address=lambda: "127.0.0.1:9", rng=random.Random(1),
+                requests_total=lambda: 0, on_heartbeat=lambda: heard.append("heartbeat"),
+                on_accepted=lambda *report: accepted.append(report),
+            )  # fmt: skip
+            await reporter.heartbeat(cp.url)
+            await reporter.report(4, digest, None)
+            await channel.close()
+            assert not session.closed  # the channel did not own it
+            await reporter.report(5, None, "release 5 refused: expired")  # and it still works
+        finally:
+            await session.close()
+        assert heard == ["heartbeat"]
+        assert accepted == [(4, digest, None), (5, None, "release 5 refused: expired")]
+        assert reporter.heartbeat_seconds == cp.heartbeat_seconds  # taken from the answer
+        assert channel.targets.connected and channel.targets.failovers == 0
+
+    asyncio.run(go())
+    assert cp.heartbeats == [("sim-1", {"service": "fleet", "version": "v1", "address": "127.0.0.1:9",
+                                        "release_version": 4, "bundle": digest, "requests_total": 0})]  # fmt: skip
+    assert cp.reports_of("sim-1") == [{"version": 4, "bundle": digest, "error": None},
+                                      {"version": 5, "bundle": None, "error": "release 5 refused: expired"}]  # fmt: skip
+
+
+def test_targets_count_the_moves_to_the_next_url() -> None:
+    targets = Targets(("http://a", "http://b"))
+    targets.failed("http://a", "refused")
+    targets.failed("http://a", "refused")  # a URL already left behind: old news, no move
+    targets.failed("http://b", "refused")
+    assert (targets.current, targets.failovers) == ("http://a", 2)
