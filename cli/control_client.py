@@ -1,5 +1,7 @@
 """The command line's HTTP client for the control plane (`starmesh status`, `rollback`).
 
+Which control plane, when there are several replicas, is control_planes.py's part.
+
 The command line talks to the control plane with `urllib.request`: one synchronous
 request per command needs no event loop, and urllib honours the usual `HTTP(S)_PROXY` /
 `NO_PROXY` variables as curl does. Every call is bounded: a 10 s timeout per socket
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from starmesh.cli.errors import InputError
 
-__all__ = ["MAX_ANSWER_BYTES", "TIMEOUT_SECONDS", "Answer", "call_control_plane", "printable"]
+__all__ = ["MAX_ANSWER_BYTES", "TIMEOUT_SECONDS", "Answer", "base_url", "call_control_plane", "printable"]
 
 TIMEOUT_SECONDS = 10.0
 MAX_ANSWER_BYTES = 8 << 20
@@ -43,7 +45,8 @@ class Answer:
         return printable(text) or "(empty body)"
 
 
-def _base_url(url: str) -> str:
+def base_url(url: str) -> str:
+    """`url` without a trailing slash; InputError (exit 2) unless it is http(s):// with a host and no query."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"--control-plane {url!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080)")
@@ -69,7 +72,7 @@ def call_control_plane(
     import urllib.error
     import urllib.request
 
-    target = _base_url(url) + path
+    target = base_url(url) + path
     data = None if body is None else json.dumps(body).encode("utf-8")
     request = urllib.request.Request(target, data=data, method="GET" if body is None else "POST")
     request.add_header("accept", "application/json")

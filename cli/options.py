@@ -1,6 +1,7 @@
 """What several commands take alike: options, and the checks of what they name.
 
-    control_plane_option, ca_cert_option   `status`, `rollback`: whom to ask, and how to trust it
+    ca_cert_option                         `status`, `rollback`: how to trust the control plane
+                                           (the URLs: cli/control_planes.py)
     format_option(help_text)               `--format text|json` (`lint` adds `github`)
     load_public_keys(paths, where=)        `proxy --trust`, `verify --key`: Ed25519 public keys
     make_state_dir(path)                   `proxy`, `control-plane`: `--state-dir`, created if missing
@@ -23,14 +24,9 @@ from starmesh.cli.errors import InputError
 if TYPE_CHECKING:
     from starmesh.bundle.keys import PublicKey
 
-__all__ = ["ca_cert_option", "control_plane_option", "format_option", "load_public_keys", "make_state_dir"]
+__all__ = ["ca_cert_option", "format_option", "load_public_keys", "make_state_dir"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-control_plane_option = click.option(
-    "--control-plane", "url", required=True, metavar="URL", help="The control plane's base URL."
-)
-"""`--control-plane URL` (the parameter is `url`)."""
 
 ca_cert_option = click.option(
     "--ca-cert",

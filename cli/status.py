@@ -17,7 +17,7 @@ With replicas (`control-plane --store`), `--control-plane` is given once per rep
 they are asked in order until one answers, and the answer's `control_plane` object adds
 which replica answered, the leader (or the warning that there is none), the store's
 state (or the warning that it is read-only) and a table of replicas above the proxies
-(`starmesh.cli.status_replicas`).
+(`starmesh.cli.control_planes` asks, `starmesh.cli.status_replicas` renders).
 
 The command reports; it does not judge. It exits 0 whenever the control plane answered
 a well-formed status, however unhealthy the mesh looks (failed proxies, a rejected
@@ -47,16 +47,10 @@ from rich.text import Text
 
 from starmesh.cli.console import Consoles
 from starmesh.cli.control_client import Answer, call_control_plane, printable
+from starmesh.cli.control_planes import Reached, ReplicaURLs, control_planes_option
 from starmesh.cli.errors import InputError
 from starmesh.cli.options import ca_cert_option, format_option
-from starmesh.cli.status_replicas import (
-    ControlPlaneInfo,
-    Reached,
-    ReplicaURLs,
-    control_plane_lines,
-    control_planes_option,
-    replica_table,
-)
+from starmesh.cli.status_replicas import ControlPlaneInfo, control_plane_lines, replica_table
 
 if TYPE_CHECKING:
     from rich.table import Table

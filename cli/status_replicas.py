@@ -1,9 +1,7 @@
-"""`starmesh status` and control-plane replicas: whom to ask, and what the replicas say.
+"""`starmesh status` and control-plane replicas: what the replicas say.
 
-    --control-plane A --control-plane B --control-plane C
-        ReplicaURLs.ask(call): A ─✗─► B ─✓─► the answer, from B; A's failure kept as "skipped"
-                               (next refresh of a --watch asks B first: a dead replica
-                               costs a timeout once, not at every refresh)
+Whom to ask (the `--control-plane` URLs, in order) is control_planes.py's, shared with
+`starmesh rollback`.
 
     /v1/status "control_plane" (with `control-plane --store`, docs/ha.md)
         {"id", "role", "leader": {id, url, since} | null,
@@ -14,8 +12,7 @@
 
 A replica that cannot be reached, answers an HTTP error or answers something that is
 not a status document is skipped and the next URL is asked; only when none answers does
-the command fail (exit 2), with every URL's reason. With one URL the message is that
-URL's, as before replicas existed.
+the command fail (exit 2), with every URL's reason.
 
 A status without `control_plane` (a control plane without `--store`) shows nothing of
 this. Every field of the object is optional here, so an older or newer control plane's
@@ -25,35 +22,20 @@ gives one (its clock), else from `seen_at` and the local clock.
 
 from __future__ import annotations
 
-import urllib.parse
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
-import click
 import msgspec
 from rich.console import RenderableType
 from rich.text import Text
 
 from starmesh.cli.control_client import printable
-from starmesh.cli.errors import InputError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = [
-    "NO_LEADER",
-    "ControlPlaneInfo",
-    "Reached",
-    "ReplicaURLs",
-    "control_plane_lines",
-    "control_planes_option",
-    "read_only_warning",
-    "replica_table",
-]
-
-T = TypeVar("T")
+__all__ = ["NO_LEADER", "ControlPlaneInfo", "control_plane_lines", "read_only_warning", "replica_table"]
 
 NO_LEADER = "no leader: releases are frozen, proxies keep their last release"
 """The warning shown when the answering replica knows of no leader."""
@@ -110,75 +92,7 @@ class ControlPlaneInfo(msgspec.Struct, frozen=True):
     leader: LeaderRef | None = None
     replicas: list[ReplicaRow] = []
     store: StoreState | None = None
-
-
-# -- asking several replicas ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reached(Generic[T]):
-    """What one replica answered (`value`), its URL, and why the URLs asked before it failed."""
-
-    value: T
-    url: str
-    skipped: tuple[str, ...] = ()
-
-
-class ReplicaURLs:
-    """The `--control-plane` URLs, asked in order until one answers.
-
-    The URL that answered moves to the front, so the next call (a `--watch` refresh)
-    asks it first."""
-
-    def __init__(self, urls: Sequence[str]) -> None:
-        self._order = list(dict.fromkeys(urls))
-        if not self._order:
-            raise ValueError("no --control-plane URL")
-
-    @property
-    def urls(self) -> tuple[str, ...]:
-        """The URLs in the order the next call asks them."""
-        return tuple(self._order)
-
-    def ask(self, call: Callable[[str], T]) -> Reached[T]:
-        """`call(url)` for each URL until one returns; InputError when every one raised it."""
-        failures: list[InputError] = []
-        for url in list(self._order):
-            try:
-                value = call(url)
-            except InputError as exc:
-                failures.append(exc)
-                continue
-            self._order.remove(url)
-            self._order.insert(0, url)
-            return Reached(value, url, tuple(exc.format_message() for exc in failures))
-        if len(failures) == 1:
-            raise failures[0]
-        reasons = "; ".join(exc.format_message() for exc in failures)
-        raise InputError(f"none of the {len(failures)} --control-plane URLs answered: {reasons}")
-
-
-def _check_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    """Every URL http(s):// with a host and no query: a typo fails at once, before any is asked."""
-    for url in values:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(f"--control-plane {url!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080)")
-        if parts.query or parts.fragment:
-            raise InputError(f"--control-plane {url!r}: give the base URL, without a query or fragment")
-    return values
-
-
-control_planes_option = click.option(
-    "--control-plane",
-    "urls",
-    required=True,
-    multiple=True,
-    callback=_check_urls,
-    metavar="URL",
-    help="The control plane's base URL; repeat it for each replica (asked in order until one answers).",
-)
-"""`--control-plane URL`, repeatable (the parameter is `urls`)."""
+    problems: list[str] = []  # replicas that disagree (another signing key, repo or branch)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -189,8 +103,10 @@ def _line(label: str, text: str, style: str | None = None) -> Text:
 
 
 def control_plane_lines(info: ControlPlaneInfo) -> list[RenderableType]:
-    """`replica`, `leader` and `store` summary lines, then a `warning` line for no leader
-    and for a read-only store (bold red: releases are frozen while either lasts)."""
+    """`replica`, `leader` and `store` summary lines, then a `warning` line for no leader,
+    for a read-only store (bold red: releases are frozen while either lasts) and for each
+    problem the replica reports (replicas that sign with another key, follow another
+    repository or branch)."""
     lines: list[RenderableType] = [_line("replica", f"{info.id or '?'}  {info.role or '?'}")]
     warnings: list[str] = []
     leader = info.leader
@@ -217,6 +133,7 @@ def control_plane_lines(info: ControlPlaneInfo) -> list[RenderableType]:
         lines.append(_line("store", "  ".join(parts), "yellow" if read_only else None))
         if read_only:
             warnings.append(read_only_warning(store.since))
+    warnings.extend(info.problems)
     lines.extend(_line("warning", text, "bold red") for text in warnings)
     return lines
 

@@ -298,6 +298,101 @@ def test_rollback_passes_on_the_control_planes_error(runner: CliRunner, fake_ser
     assert seen == [("POST", "/v1/rollback", {"to": digest})]
 
 
+# -- rollback with several --control-plane URLs (replicas) ------------------------------
+
+
+def release_2(plane: Any, repo: Path, h: Any) -> str:
+    """Commit a second policy, wait for release 2; the bundle of release 1 (to roll back to)."""
+    old: str = plane.status()["release"]["bundle"]
+    h.commit(repo, POLICY.format(v1=0, v2=100), "all to v2")
+    plane.wait_status(lambda d: d["release"]["version"] == 2, "release 2")
+    return old
+
+
+def test_rollback_skips_an_unreachable_replica(
+    runner: CliRunner, control_plane: tuple[Any, Path, str], h: Any
+) -> None:
+    plane, repo, _ = control_plane
+    old = release_2(plane, repo, h)
+    down = f"http://127.0.0.1:{closed_port()}"
+    result = run(runner, "rollback", "--control-plane", down, "--control-plane", plane.url, "--to", old)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"release 3 now serves {old}"
+    assert result.stderr.startswith(f"starmesh: warning: skipped: cannot reach the control plane at {down}/v1/rollback: ")
+    assert plane.status()["release"]["version"] == 3
+
+
+def test_rollback_moves_on_from_a_503(
+    runner: CliRunner, control_plane: tuple[Any, Path, str], fake_server: Callable[..., Any], h: Any
+) -> None:
+    plane, repo, _ = control_plane
+    old = release_2(plane, repo, h)
+    seen: list[Any] = []
+
+    async def follower(request: web.Request) -> web.Response:  # a follower that cannot reach the leader
+        seen.append((request.method, request.path, await request.json()))
+        error = "this replica follows and cannot forward the rollback: no leader right now"
+        return web.json_response({"error": error}, status=503)
+
+    sick = fake_server(follower).url
+    result = run(runner, "rollback", "--control-plane", sick, "--control-plane", plane.url, "--to", old)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"release 3 now serves {old}"
+    assert result.stderr.strip() == (f"starmesh: warning: skipped: control plane at {sick}/v1/rollback answered "
+                                     "HTTP 503: this replica follows and cannot forward the rollback: no leader right now")
+    assert seen == [("POST", "/v1/rollback", {"to": old})]
+    assert plane.status()["release"]["version"] == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "exit_code", "message"),
+    [
+        (404, "cannot roll back to it: no such bundle", 1, "starmesh: rollback refused: cannot roll back to it: no such bundle"),
+        (400, "bad request", 2, "answered HTTP 400: bad request"),
+        (500, "internal error", 2, "answered HTTP 500: internal error"),
+    ],
+)
+def test_an_answer_other_than_503_is_final(
+    runner: CliRunner, fake_server: Callable[..., Any], status: int, error: str, exit_code: int, message: str
+) -> None:
+    asked: list[str] = []
+
+    async def refusing(request: web.Request) -> web.Response:
+        asked.append("first")
+        return web.json_response({"error": error}, status=status)
+
+    async def issuing(request: web.Request) -> web.Response:  # would roll back, if it were asked
+        asked.append("second")
+        return web.json_response({"release": {"version": 9, "bundle": "sha256:" + "0" * 64}})
+
+    first, second = fake_server(refusing).url, fake_server(issuing).url
+    result = run(runner, "rollback", "--control-plane", first, "--control-plane", second, "--to", "sha256:" + "0" * 64)
+    assert result.exit_code == exit_code, result.output
+    assert message in result.stderr
+    assert asked == ["first"]
+
+
+def test_rollback_help_tells_how_replicas_are_asked(runner: CliRunner) -> None:
+    shown = " ".join(run(runner, "rollback", "--help").output.split())
+    assert "repeat it for each replica (asked in order until one answers)" in shown
+    assert "one that cannot be reached or answers 503 (it cannot reach the leader) is skipped with a warning" in shown
+    assert "any other answer is final" in shown
+
+
+def test_rollback_when_no_replica_can_act_gives_every_reason(runner: CliRunner, fake_server: Callable[..., Any]) -> None:
+    async def follower(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no leader right now"}, status=503)
+
+    sick = fake_server(follower).url
+    down = f"http://127.0.0.1:{closed_port()}"
+    result = run(runner, "rollback", "--control-plane", sick, "--control-plane", down, "--to", "sha256:" + "0" * 64)
+    assert result.exit_code == 2
+    message = result.stderr.strip()
+    assert message.startswith("starmesh: error: none of the 2 --control-plane URLs answered: ")
+    assert f"control plane at {sick}/v1/rollback answered HTTP 503: no leader right now" in message
+    assert f"cannot reach the control plane at {down}/v1/rollback: " in message
+
+
 # -- the text rendering (a fixed document) ----------------------------------------------
 
 
