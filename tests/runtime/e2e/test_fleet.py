@@ -2,6 +2,7 @@
 
     fleet of 200 ──HTTP──► starmesh control-plane (plain HTTP, --state-dir) ◄── Git repo in tmp
       register, long-poll, fetch once per digest, verify, ACK ─► /v1/status: all synced
+    fleet of 60, and of 1,000 ──► three replicas on a real etcd: every replica lists them all synced
 
 The fleet runs in the test's own uvloop loop; the control plane is a real process
 (the `mesh` fixture stops it and checks it exited 0), or three replicas on a real etcd
@@ -177,7 +178,13 @@ def test_proxies_fail_over_from_a_dead_url_to_the_live_one(plane: _Plane) -> Non
 
 
 @pytest.mark.slow
-def test_a_fleet_spread_over_three_replicas_on_etcd_follows_a_release(mesh: Any, tmp_path: Path, etcd_server: Any) -> None:
+@pytest.mark.parametrize("size", [60, 1000])
+def test_a_fleet_spread_over_three_replicas_on_etcd_follows_a_release(
+    mesh: Any, tmp_path: Path, etcd_server: Any, size: int
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3 * size:  # the fleet's connections, in this process
+        pytest.skip(f"{size} simulated proxies need about {3 * size} open files; the hard limit here is {hard}")
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
@@ -194,7 +201,7 @@ def test_a_fleet_spread_over_three_replicas_on_etcd_follows_a_release(mesh: Any,
         process.first_line(lambda line: line.startswith("ready "), "readiness")
 
     async def scenario() -> tuple[list[Any], list[dict[str, Any]]]:
-        fleet = Fleet(FleetConfig(size=60, control_planes=tuple(urls), trusted=(load_public_key(public),), seed=5))
+        fleet = Fleet(FleetConfig(size=size, control_planes=tuple(urls), trusted=(load_public_key(public),), seed=5))
         async with fleet:
             await fleet.wait_converged(1, DEADLINE)
             commit = await asyncio.to_thread(_commit, repo, 50)
@@ -203,7 +210,7 @@ def test_a_fleet_spread_over_three_replicas_on_etcd_follows_a_release(mesh: Any,
             end = loop.time() + DEADLINE
             while True:  # every replica learns every ACK (through etcd)
                 statuses = [await asyncio.to_thread(_status, url) for url in urls]
-                done = all(sum(p["state"] == "synced" for p in s["proxies"]) == 60 for s in statuses)
+                done = all(sum(p["state"] == "synced" for p in s["proxies"]) == size for s in statuses)
                 if done or loop.time() > end:
                     assert all(s["release"]["commit"] == commit for s in statuses)
                     return fleet.snapshots(), statuses
@@ -215,7 +222,7 @@ def test_a_fleet_spread_over_three_replicas_on_etcd_follows_a_release(mesh: Any,
         assert snapshot.acked_version == 2 and set(snapshot.fetched.values()) == {1} and len(snapshot.fetched) == 2
     for status in statuses:
         rows = [p for p in status["proxies"] if p["service"] == "fleet"]
-        assert len(rows) == 60 and {(p["state"], p["release_version"]) for p in rows} == {("synced", 2)}, status
+        assert len(rows) == size and {(p["state"], p["release_version"]) for p in rows} == {("synced", 2)}, status
         assert {r["id"] for r in status["control_plane"]["replicas"]} == {"r1", "r2", "r3"}
 
 
