@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-__all__ = ["BenchError", "Children", "git", "starmesh", "wait_line"]
+__all__ = ["BenchError", "Children", "free_port", "git", "policy_repo", "start_etcd", "starmesh", "wait_line"]
 
 
 class BenchError(Exception):
@@ -83,3 +85,47 @@ def wait_line(log: Path, proc: subprocess.Popen[bytes], prefix: str, timeout: fl
             raise BenchError(f"{log.name}: exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
     raise BenchError(f"{log.name}: no {prefix!r} line within {timeout:.0f}s:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def free_port() -> int:
+    """A loopback port free right now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def policy_repo(work: Path, policy: str) -> Path:
+    """`work/repo`, a Git repository whose first commit is `policy` as mesh.star, and a
+    signing key pair in `work/keys` (signing.key, signing.pub)."""
+    repo = work / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "mesh.star").write_text(policy)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first")
+    subprocess.run([*starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
+    return repo
+
+
+def start_etcd(children: Children, work: Path, timeout: float) -> tuple[str, int]:
+    """A single-member etcd (Debian's /usr/bin/etcd) on loopback ports, its data in `work`;
+    (its etcd:// URL for --store, its pid)."""
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    proc, log = children.start("etcd", [
+        "/usr/bin/etcd", "--name", "bench", "--data-dir", str(work / "etcd.data"),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new", "--log-level", "warn", "--logger", "zap",
+    ])  # fmt: skip
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise BenchError(f"etcd exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(client + "/health", timeout=2) as answer:
+                if b'"true"' in answer.read():
+                    return "etcd://" + client.removeprefix("http://"), proc.pid
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise BenchError("etcd did not become healthy")

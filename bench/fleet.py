@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from starmesh.bundle.keys import load_public_key
 from starmesh.runtime.fleet import Fleet, FleetConfig, FleetError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _children import BenchError, Children, git, starmesh, wait_line  # noqa: E402
+from _children import BenchError, Children, free_port, git, policy_repo, start_etcd, starmesh, wait_line  # noqa: E402
 from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 __all__ = ["main", "run"]
@@ -71,12 +70,6 @@ http_route("app", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
 START_TIMEOUT = 60.0
 CONVERGE_TIMEOUT = 60.0
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ha_supported() -> bool:
@@ -154,38 +147,15 @@ class Plane:
     etcd_pid: int | None = None
 
 
-def start_etcd(children: Children, work: Path) -> tuple[str, int]:
-    """A single-member etcd on loopback ports, its data in `work`; (etcd:// URL, pid)."""
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    proc, log = children.start("etcd", [
-        "/usr/bin/etcd", "--name", "bench", "--data-dir", str(work / "etcd.data"),
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new", "--log-level", "warn", "--logger", "zap",
-    ])  # fmt: skip
-    end = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise BenchError(f"etcd exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(client + "/health", timeout=2) as answer:
-                if b'"true"' in answer.read():
-                    return "etcd://" + client.removeprefix("http://"), proc.pid
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise BenchError("etcd did not become healthy")
-
-
 def start_plane(children: Children, work: Path, repo: Path, replicas: int, store: str) -> Plane:
     """Start the control plane's replicas (sharing etcd with --store etcd) and wait until each is ready."""
     plane = Plane()
     common = ["--repo", str(repo), "--key", str(work / "keys" / "signing.key"), "--proxy-ttl", "30"]
     if store == "etcd":
-        etcd_url, plane.etcd_pid = start_etcd(children, work)
+        etcd_url, plane.etcd_pid = start_etcd(children, work, START_TIMEOUT)
         started = []
         for i in range(replicas):
-            port = _free_port()
+            port = free_port()
             proc, log = children.start(f"replica-{i + 1}", [
                 *starmesh(), "control-plane", *common, "--state-dir", str(work / f"cp-{i + 1}"),
                 "--listen", f"127.0.0.1:{port}", "--store", etcd_url, "--replica-id", f"r{i + 1}",
@@ -247,13 +217,7 @@ async def measure(size: int, releases: int, replicas: int, store: str, idle: flo
         work = Path(tmp)
         children = Children(work)
         try:
-            repo = work / "repo"
-            repo.mkdir()
-            git(repo, "init", "-q", "-b", "main")
-            (repo / "mesh.star").write_text(POLICY.format(v1=100, v2=0))
-            git(repo, "add", "-A")
-            git(repo, "commit", "-q", "-m", "first")
-            subprocess.run([*starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
+            repo = policy_repo(work, POLICY.format(v1=100, v2=0))
             plane = start_plane(children, work, repo, replicas, store)
             await asyncio.sleep(1.0)  # let the replicas settle before the "before" RSS
             rss_before = [rss_mb(pid) for pid in plane.pids]

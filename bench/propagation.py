@@ -25,7 +25,6 @@ import argparse
 import json
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _children import BenchError, Children, git, starmesh, wait_line  # noqa: E402
+from _children import BenchError, Children, git, policy_repo, starmesh, wait_line  # noqa: E402
 from _machine import machine  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 __all__ = ["main", "run"]
@@ -87,13 +86,7 @@ def run(proxies: int, commits: int) -> list[float]:
         work = Path(tmp)
         children = Children(work)
         try:
-            repo = work / "repo"
-            repo.mkdir()
-            git(repo, "init", "-q", "-b", "main")
-            (repo / "mesh.star").write_text(POLICY.format(v1=100, v2=0))
-            git(repo, "add", "-A")
-            git(repo, "commit", "-q", "-m", "first")
-            subprocess.run([*starmesh(), "keygen", "--out", str(work / "keys")], check=True, capture_output=True, timeout=60)
+            repo = policy_repo(work, POLICY.format(v1=100, v2=0))
             cp, cp_log = children.start("control-plane", [
                 *starmesh(), "control-plane", "--repo", str(repo), "--key", str(work / "keys" / "signing.key"),
                 "--state-dir", str(work / "cp"), "--listen", "127.0.0.1:0", "--proxy-ttl", "30",
