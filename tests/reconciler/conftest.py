@@ -13,6 +13,9 @@ so the helpers come as one object (as tests/runtime/e2e/conftest.py's `h` does):
     h.until(test, what)               poll `test()` (or await it) until true, at most DEADLINE s
     h.run(main)                       asyncio.run(main())
 
+and `open_store(**options)`, started EtcdStores on the test's etcd (`etcd_server`), closed
+at the end.
+
 Everything is real: git subprocesses, the compiler, Ed25519 keys written to tmp_path.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import subprocess
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -30,6 +33,8 @@ import pytest
 
 from starmesh.bundle.keys import PrivateKey, PublicKey, generate_keypair, load_private_key, load_public_key
 from starmesh.compiler.compile import compile_tree
+from starmesh.reconciler.etcd_client import parse_etcd_url
+from starmesh.reconciler.etcd_store import EtcdStore
 
 DEADLINE = 30.0
 """Seconds a wait may take: a bound on waiting, never an assertion about speed."""
@@ -152,6 +157,25 @@ class Helpers:
     compile_policy = staticmethod(compile_policy)
     until = staticmethod(until)
     run = staticmethod(run)
+
+
+@pytest.fixture
+def open_store(etcd_server: Any) -> Iterator[Callable[..., EtcdStore]]:
+    """`open_store(**options)`: a started EtcdStore on the test's etcd (one per replica), 2 s
+    calls and a 0.1 s probe unless told otherwise; every one is closed at the end."""
+    opened: list[EtcdStore] = []
+
+    def make(**options: Any) -> EtcdStore:
+        options.setdefault("timeout", 2.0)
+        options.setdefault("probe_interval", 0.1)
+        store = EtcdStore(parse_etcd_url(etcd_server.url), **options)
+        opened.append(store)
+        store.start()
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from starmesh.reconciler.election import LEADER_KEY, LeaderElection
 from starmesh.reconciler.errors import NotLeader
-from starmesh.reconciler.etcd_client import parse_etcd_url
 from starmesh.reconciler.etcd_store import EtcdStore
 
 SHORT_TTL = 2.0
@@ -21,22 +20,6 @@ SHORT_TTL = 2.0
 LONG_TTL = 600.0
 """Seconds: far beyond the tests' waits (and followers retry only every 300 s), so anything
 that happens within a wait happened through the watch, not through a lease running out."""
-
-
-@pytest.fixture
-def stores(etcd_server: Any) -> Iterator[Callable[[], EtcdStore]]:
-    """`stores()`: a new started EtcdStore on the test's etcd (one per replica); closed at the end."""
-    made: list[EtcdStore] = []
-
-    def make() -> EtcdStore:
-        store = EtcdStore(parse_etcd_url(etcd_server.url), timeout=2.0, probe_interval=0.2)
-        store.start()
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.close()
 
 
 class Candidate:
@@ -87,9 +70,9 @@ def alternates(changes: list[bool]) -> bool:
     return all(change == (index % 2 == 0) for index, change in enumerate(changes))
 
 
-def test_one_leader_and_a_resign_hands_over_at_once(stores: Callable[[], EtcdStore], h: Any) -> None:
+def test_one_leader_and_a_resign_hands_over_at_once(open_store: Callable[..., EtcdStore], h: Any) -> None:
     async def main() -> None:
-        group = [Candidate(stores(), f"r{n}", LONG_TTL).start() for n in (1, 2, 3)]
+        group = [Candidate(open_store(), f"r{n}", LONG_TTL).start() for n in (1, 2, 3)]
         try:
             await h.until(lambda: len(leaders(group)) == 1, "one leader")
             first = leaders(group)[0]
@@ -130,9 +113,9 @@ def test_one_leader_and_a_resign_hands_over_at_once(stores: Callable[[], EtcdSto
     h.run(main)
 
 
-def test_a_crashed_leader_is_replaced_when_its_lease_expires(stores: Callable[[], EtcdStore], h: Any) -> None:
+def test_a_crashed_leader_is_replaced_when_its_lease_expires(open_store: Callable[..., EtcdStore], h: Any) -> None:
     async def main() -> None:
-        group = [Candidate(stores(), f"r{n}", SHORT_TTL).start() for n in (1, 2)]
+        group = [Candidate(open_store(), f"r{n}", SHORT_TTL).start() for n in (1, 2)]
         try:
             await h.until(lambda: len(leaders(group)) == 1, "one leader")
             crashed = leaders(group)[0]
@@ -156,10 +139,10 @@ def test_a_crashed_leader_is_replaced_when_its_lease_expires(stores: Callable[[]
     h.run(main)
 
 
-def test_a_leader_whose_key_goes_steps_down(stores: Callable[[], EtcdStore], h: Any) -> None:
+def test_a_leader_whose_key_goes_steps_down(open_store: Callable[..., EtcdStore], h: Any) -> None:
     async def main() -> None:
-        group = [Candidate(stores(), f"r{n}", LONG_TTL).start() for n in (1, 2)]
-        operator = stores()
+        group = [Candidate(open_store(), f"r{n}", LONG_TTL).start() for n in (1, 2)]
+        operator = open_store()
         try:
             await h.until(lambda: len(leaders(group)) == 1, "one leader")
             deposed = leaders(group)[0]
@@ -180,9 +163,9 @@ def test_a_leader_whose_key_goes_steps_down(stores: Callable[[], EtcdStore], h: 
     h.run(main)
 
 
-def test_the_leader_steps_down_while_etcd_is_gone(stores: Callable[[], EtcdStore], etcd_server: Any, h: Any) -> None:
+def test_the_leader_steps_down_while_etcd_is_gone(open_store: Callable[..., EtcdStore], etcd_server: Any, h: Any) -> None:
     async def main() -> None:
-        group = [Candidate(stores(), f"r{n}", SHORT_TTL).start() for n in (1, 2)]
+        group = [Candidate(open_store(), f"r{n}", SHORT_TTL).start() for n in (1, 2)]
         try:
             await h.until(lambda: len(leaders(group)) == 1, "one leader")
             leader = leaders(group)[0]
@@ -203,8 +186,8 @@ def test_the_leader_steps_down_while_etcd_is_gone(stores: Callable[[], EtcdStore
     h.run(main)
 
 
-def test_leader_reads_the_mirror_and_ignores_what_does_not_decode(stores: Callable[[], EtcdStore], h: Any) -> None:
-    store = stores()
+def test_leader_reads_the_mirror_and_ignores_what_does_not_decode(open_store: Callable[..., EtcdStore], h: Any) -> None:
+    store = open_store()
     election = LeaderElection(store, "r1", "http://r1.test", ttl=SHORT_TTL)
     assert election.leader() is None and not election.is_leader and election.fence() is None
     for bad in (b"not json", b"[1]", json.dumps({"id": "r9", "url": 3, "since": "x"}).encode()):
@@ -217,8 +200,8 @@ def test_leader_reads_the_mirror_and_ignores_what_does_not_decode(stores: Callab
     assert meta is not None and info.fence == meta.create_revision
 
 
-def test_a_fractional_ttl_rounds_up_and_the_leader_acts_for_less_than_it(stores: Callable[[], EtcdStore]) -> None:
-    store = stores()
+def test_a_fractional_ttl_rounds_up_and_the_leader_acts_for_less_than_it(open_store: Callable[..., EtcdStore]) -> None:
+    store = open_store()
     for ttl, seconds in ((0.4, 1), (1.5, 2), (10, 10)):
         election = LeaderElection(store, "r1", "http://r1.test", ttl=ttl)
         assert election.ttl == seconds

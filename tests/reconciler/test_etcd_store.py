@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -32,23 +32,6 @@ def until(test: Callable[[], bool], what: str) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def open_store(etcd_server: Any) -> Iterator[Opener]:
-    """`open_store()` a started EtcdStore on the test's etcd (closed at the end)."""
-    opened: list[EtcdStore] = []
-
-    def make(**options: Any) -> EtcdStore:
-        options.setdefault("probe_interval", 0.1)
-        store = EtcdStore(parse_etcd_url(etcd_server.url), **options)
-        opened.append(store)
-        store.start()
-        return store
-
-    yield make
-    for store in opened:
-        store.close()
 
 
 class Recorder:

@@ -8,13 +8,12 @@ import logging
 import math
 import time
 from datetime import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
 
 from starmesh.reconciler.election import LeaderElection
-from starmesh.reconciler.etcd_client import parse_etcd_url
 from starmesh.reconciler.etcd_store import EtcdStore
 from starmesh.reconciler.replicas import REPLICAS_PREFIX, ReplicaInfo, ReplicaSet, check_replica_id, lease_seconds
 
@@ -22,22 +21,6 @@ TTL = 2.0
 """Seconds: a crashed replica's record goes this long after its last renewal."""
 LONG_TTL = 600.0
 """Seconds: far beyond the tests' waits, so a record gone within one was revoked."""
-
-
-@pytest.fixture
-def stores(etcd_server: Any) -> Iterator[Callable[[], EtcdStore]]:
-    """`stores()`: a new started EtcdStore on the test's etcd (one per replica); closed at the end."""
-    made: list[EtcdStore] = []
-
-    def make() -> EtcdStore:
-        store = EtcdStore(parse_etcd_url(etcd_server.url), timeout=2.0, probe_interval=0.2)
-        store.start()
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.close()
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "x" * 65, "r 1", "ré", "r1\n"])
@@ -87,10 +70,10 @@ def ids(replicas: ReplicaSet) -> list[str]:
     return [info.id for info in replicas.replicas()]
 
 
-def test_replicas_join_leave_and_crash(stores: Callable[[], EtcdStore], h: Any) -> None:
+def test_replicas_join_leave_and_crash(open_store: Callable[..., EtcdStore], h: Any) -> None:
     async def main() -> None:
-        members = [Member(stores(), "r3"), Member(stores(), "r1"), Member(stores(), "r2", LONG_TTL)]
-        watcher = stores()
+        members = [Member(open_store(), "r3"), Member(open_store(), "r1"), Member(open_store(), "r2", LONG_TTL)]
+        watcher = open_store()
         try:
             await h.until(lambda: all(ids(m.set) == ["r1", "r2", "r3"] for m in members), "three replicas listed")
             first = members[1].set.replicas()[0]
@@ -138,10 +121,10 @@ def test_replicas_join_leave_and_crash(stores: Callable[[], EtcdStore], h: Any) 
     h.run(main)
 
 
-def test_a_replica_whose_lease_expired_writes_its_record_again(stores: Callable[[], EtcdStore], h: Any) -> None:
+def test_a_replica_whose_lease_expired_writes_its_record_again(open_store: Callable[..., EtcdStore], h: Any) -> None:
     async def main() -> None:
-        member = Member(stores(), "r1")
-        operator = stores()
+        member = Member(open_store(), "r1")
+        operator = open_store()
         try:
             await h.until(lambda: operator.meta(REPLICAS_PREFIX + "r1") is not None, "r1's record")
             meta = operator.meta(REPLICAS_PREFIX + "r1")
@@ -169,14 +152,14 @@ def test_status_ages_come_from_the_answering_replicas_clock() -> None:
 
 
 def test_replicas_that_sign_with_another_key_or_follow_another_branch_say_so(
-    stores: Callable[[], EtcdStore], h: Any, caplog: pytest.LogCaptureFixture
+    open_store: Callable[..., EtcdStore], h: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, "starmesh.control_plane.replicas")
 
     async def main() -> None:
-        r1 = Member(stores(), "r1", key="aaaa")
-        r2 = Member(stores(), "r2", key="bbbb", branch="release")
-        old = Member(stores(), "r3", key=None, repo=None, branch=None)  # an older replica: not compared
+        r1 = Member(open_store(), "r1", key="aaaa")
+        r2 = Member(open_store(), "r2", key="bbbb", branch="release")
+        old = Member(open_store(), "r3", key=None, repo=None, branch=None)  # an older replica: not compared
         try:
             await h.until(lambda: all(ids(m.set) == ["r1", "r2", "r3"] for m in (r1, r2, old)), "three replicas")
             assert r1.set.problems() == [
