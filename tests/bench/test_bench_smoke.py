@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -231,7 +231,9 @@ def test_telemetry_pieces_bench_times_each_piece() -> None:
 
 
 @pytest.mark.slow
-def test_propagation_bench_smoke_run_measures_commits_and_stops_everything(tmp_path: Path) -> None:
+def test_propagation_bench_smoke_run_measures_commits_and_stops_everything(
+    tmp_path: Path, running_with: Callable[[str], list[str]]
+) -> None:
     out_json = tmp_path / "propagation.json"
     run = subprocess.run(
         [sys.executable, str(BENCH / "propagation.py"), "--proxies", "2", "--commits", "2", "--json", str(out_json)],
@@ -243,17 +245,4 @@ def test_propagation_bench_smoke_run_measures_commits_and_stops_everything(tmp_p
     assert numbers["proxies"] == 2 and len(numbers["seconds"]) == 2
     assert all(seconds > 0 for seconds in numbers["seconds"])
     # Every control plane and proxy it started is gone (they all ran from its temp dir).
-    assert not _running_with("starmesh-propagation-")
-
-
-def _running_with(text: str) -> list[str]:
-    """Command lines of live processes that mention `text`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in args:
-            found.append(args)
-    return found
+    assert not running_with("starmesh-propagation-")
