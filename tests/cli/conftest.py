@@ -4,12 +4,17 @@ In importlib mode a test module can import neither another test module nor a con
 so the helpers come as fixtures:
 
     assert_snapshot(name, text)    compare with tests/cli/snapshots/NAME
+    runner                         a CliRunner: no colour, no HTTP proxy (all is loopback)
     h.make_repo(path)              a Git repo on branch main, committer set, unsigned commits
     h.commit(repo, text, message)  mesh.star = text, committed; the new commit's sha
     h.git(repo, *args)             git in that repo; its stdout, stripped
+    h.reviews(v1, v2)              mesh.star text: service `reviews`, v1/v2 weighted v1:v2
+    h.closed_port()                a loopback port nobody listens on
     control_planes.start(args)     `starmesh control-plane ARGS` (a `ControlPlane`); with
                                    `log=FILE` its stderr goes there and its lines are
                                    stdout alone
+    control_planes.replicas(...)   control-plane replicas on one etcd store, listening, the
+                                   first one leading
     mesh                           where they run: tests/runtime/e2e/conftest.py's `Mesh`
                                    (that file, loaded by path, gives `Process` too), which
                                    stops them when the test ends: each must exit 0 on SIGTERM
@@ -24,13 +29,14 @@ import asyncio
 import json
 import os
 import runpy
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +44,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 STARMESH = Path(sys.executable).with_name("starmesh")
@@ -64,6 +71,12 @@ def _assert_snapshot(name: str, actual: str) -> None:
 def assert_snapshot() -> Callable[[str, str], None]:
     """The snapshot comparison (a fixture: importlib mode cannot import conftest)."""
     return _assert_snapshot
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """The CLI in-process, without colour, and without an HTTP proxy between it and 127.0.0.1."""
+    return CliRunner(env={"NO_COLOR": "1", "FORCE_COLOR": None, "NO_PROXY": "*", "no_proxy": "*"})
 
 
 # -- policy repositories ---------------------------------------------------------------------
@@ -93,10 +106,31 @@ def commit(repo: Path, text: str, message: str = "policy") -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
+REVIEWS = """\
+mesh(name = "shop")
+
+service(name = "reviews", versions = ["v1", "v2"])
+
+http_route(service = "reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
+"""
+
+
+def reviews(v1: int, v2: int) -> str:
+    """A policy of one service, `reviews`, whose traffic goes v1:v2 to its two versions."""
+    return REVIEWS.format(v1=v1, v2=v2)
+
+
+def closed_port() -> int:
+    """A loopback port that was free a moment ago: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def h() -> SimpleNamespace:
-    """The repository helpers above, as one object (see the module docstring)."""
-    return SimpleNamespace(git=git, make_repo=make_repo, commit=commit)
+    """The helpers above, as one object (see the module docstring)."""
+    return SimpleNamespace(git=git, make_repo=make_repo, commit=commit, reviews=reviews, closed_port=closed_port)
 
 
 # -- control-plane processes -----------------------------------------------------------------
@@ -119,7 +153,7 @@ class ControlPlane:
     def wait_listening(self) -> str:
         """Wait for `listening HOST:PORT` and point `url` there; the address."""
         line = self.process.first_line(lambda line: line.startswith("listening "), "'listening' line", DEADLINE)
-        address = line.removeprefix("listening ")
+        address: str = line.removeprefix("listening ")
         self.url = f"http://{address}"
         return address
 
@@ -168,6 +202,24 @@ class ControlPlanes:
     def start(self, args: list[str], *, log: Path | None = None) -> ControlPlane:
         """`starmesh control-plane ARGS`, not waited for (`wait_listening` sets its `url`)."""
         return ControlPlane(self.mesh.start("control-plane", [str(STARMESH), "control-plane", *args], stderr=log))
+
+    def replicas(
+        self, ids: Sequence[str], *, repo: Path, key: Path, store: str, state: Path, leader_ttl: float = 2
+    ) -> list[ControlPlane]:
+        """Replicas `ids` of one control plane on the etcd at `store`, started in order, each
+        listening on 127.0.0.1:0 (and advertising it) with its state in state/ID; the first is
+        waited for until it leads, so that it is the leader and the others follow it."""
+        planes: list[ControlPlane] = []
+        for rid in ids:
+            plane = self.start([
+                "--repo", str(repo), "--key", str(key), "--state-dir", str(state / rid), "--listen", "127.0.0.1:0",
+                "--store", store, "--replica-id", rid, "--leader-ttl", str(leader_ttl),
+            ])  # fmt: skip
+            plane.wait_listening()
+            if not planes:
+                plane.wait_status(lambda d: (d.get("control_plane") or {}).get("role") == "leader", f"{rid} leading")
+            planes.append(plane)
+        return planes
 
 
 @pytest.fixture

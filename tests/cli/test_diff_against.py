@@ -31,20 +31,6 @@ from starmesh.compiler.compile import compile_tree
 
 TOKEN = "join-token-0123456789abcdef"
 
-POLICY = """\
-mesh(name = "shop")
-
-service(name = "reviews", versions = ["v1", "v2"])
-
-http_route(service = "reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
-"""
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner(env={"NO_COLOR": "1", "FORCE_COLOR": None, "NO_PROXY": "*", "no_proxy": "*"})
-
-
 def diff(runner: CliRunner, *args: str) -> Result:
     return runner.invoke(main, ["diff", *args], catch_exceptions=False)
 
@@ -72,7 +58,7 @@ def test_against_a_plain_http_control_plane(
     runner: CliRunner, tmp_path: Path, h: Any, control_planes: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = h.make_repo(tmp_path / "repo")
-    first = h.commit(repo, POLICY.format(v1=100, v2=0), "all to v1")
+    first = h.commit(repo, h.reviews(100, 0), "all to v1")
     plane, address = start_control_plane(tmp_path, control_planes, repo)
     plane.url = url = f"http://{address}"
     released = plane.status()["release"]
@@ -88,7 +74,7 @@ def test_against_a_plain_http_control_plane(
     assert head["behaviour_changed"] is False
 
     # An edit not yet committed: what would change against what runs.
-    (repo / "mesh.star").write_text(POLICY.format(v1=50, v2=50), encoding="utf-8")
+    (repo / "mesh.star").write_text(h.reviews(50, 50), encoding="utf-8")
     changed = diff(runner, "--repo", "repo", "--against", url, "--exit-code")
     assert changed.exit_code == 1, changed.output
     assert f"base  control plane {url} (release 1)" in changed.stdout
@@ -113,10 +99,10 @@ def test_against_an_mtls_control_plane_with_its_ca_cert(
     init_ca("cluster.local", tmp_path / "ca")
     ca_cert = tmp_path / "ca" / "ca.crt"
     repo = h.make_repo(tmp_path / "repo")
-    first = h.commit(repo, POLICY.format(v1=100, v2=0), "all to v1")
+    first = h.commit(repo, h.reviews(100, 0), "all to v1")
     _, address = start_control_plane(tmp_path, control_planes, repo, "--ca", str(tmp_path / "ca"), "--join-token", TOKEN)
     url = f"https://{address}"
-    (repo / "mesh.star").write_text(POLICY.format(v1=0, v2=100), encoding="utf-8")
+    (repo / "mesh.star").write_text(h.reviews(0, 100), encoding="utf-8")
     monkeypatch.chdir(repo)
 
     document = as_json(diff(runner, "--against", url, "--ca-cert", str(ca_cert), "--format", "json"))
@@ -151,13 +137,19 @@ def serve(fake_server: Callable[..., Any]) -> Callable[[dict[str, tuple[int, byt
     return start
 
 
-def compiled(tmp_path: Path, v1: int, v2: int) -> tuple[bytes, str]:
-    root = tmp_path / f"policy-{v1}-{v2}"
-    root.mkdir()
-    (root / "mesh.star").write_text(POLICY.format(v1=v1, v2=v2), encoding="utf-8")
-    result = compile_tree(root)
-    assert result.data is not None and result.digest is not None, result.findings
-    return result.data, result.digest
+@pytest.fixture
+def compiled(tmp_path: Path, h: Any) -> Callable[[int, int], tuple[bytes, str]]:
+    """compiled(v1, v2): the reviews policy with that split, compiled: (its bytes, its digest)."""
+
+    def compile_(v1: int, v2: int) -> tuple[bytes, str]:
+        root = tmp_path / f"policy-{v1}-{v2}"
+        root.mkdir()
+        (root / "mesh.star").write_text(h.reviews(v1, v2), encoding="utf-8")
+        result = compile_tree(root)
+        assert result.data is not None and result.digest is not None, result.findings
+        return result.data, result.digest
+
+    return compile_
 
 
 def status_naming(digest: str | None) -> bytes:
@@ -166,19 +158,19 @@ def status_naming(digest: str | None) -> bytes:
 
 
 @pytest.fixture
-def work_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def work_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, h: Any) -> Path:
     """A policy root outside Git: `--against` with the working tree needs no repository."""
     root = tmp_path / "work"
     root.mkdir()
-    (root / "mesh.star").write_text(POLICY.format(v1=100, v2=0), encoding="utf-8")
+    (root / "mesh.star").write_text(h.reviews(100, 0), encoding="utf-8")
     monkeypatch.chdir(root)
     return root
 
 
 def test_a_fake_control_plane_outside_git_compares_with_the_work_tree(
-    runner: CliRunner, tmp_path: Path, work_tree: Path, serve: Callable[..., str]
+    runner: CliRunner, compiled: Callable[[int, int], tuple[bytes, str]], work_tree: Path, serve: Callable[..., str]
 ) -> None:
-    data, digest = compiled(tmp_path, 90, 10)
+    data, digest = compiled(90, 10)
     url = serve({"/v1/status": (200, status_naming(digest)), f"/v1/bundles/{digest}": (200, data)})
     document = as_json(diff(runner, "--against", url, "--format", "json"))
     assert document["base"] == {"label": f"control plane {url} (release 3)", "commit": None, "digest": digest}
@@ -193,10 +185,10 @@ def one_error_line(result: Result, message: str) -> None:
 
 
 def test_a_bundle_that_does_not_hash_to_its_digest_is_refused(
-    runner: CliRunner, tmp_path: Path, work_tree: Path, serve: Callable[..., str]
+    runner: CliRunner, compiled: Callable[[int, int], tuple[bytes, str]], work_tree: Path, serve: Callable[..., str]
 ) -> None:
-    data, digest = compiled(tmp_path, 90, 10)
-    other, actual = compiled(tmp_path, 10, 90)
+    data, digest = compiled(90, 10)
+    other, actual = compiled(10, 90)
     url = serve({"/v1/status": (200, status_naming(digest)), f"/v1/bundles/{digest}": (200, other)})
     one_error_line(
         diff(runner, "--against", url),
@@ -205,9 +197,9 @@ def test_a_bundle_that_does_not_hash_to_its_digest_is_refused(
 
 
 def test_a_control_plane_that_cannot_be_compared_against_is_exit_2(
-    runner: CliRunner, tmp_path: Path, work_tree: Path, serve: Callable[..., str]
+    runner: CliRunner, compiled: Callable[[int, int], tuple[bytes, str]], work_tree: Path, serve: Callable[..., str]
 ) -> None:
-    _, digest = compiled(tmp_path, 90, 10)
+    _, digest = compiled(90, 10)
     empty = serve({"/v1/status": (200, status_naming(None))})
     one_error_line(diff(runner, "--against", empty), f"the control plane at {empty} has no release yet")
     guarded = serve({

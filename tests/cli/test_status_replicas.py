@@ -6,15 +6,14 @@
                                                             (leader, no leader, read-only store)
 
 The canned documents follow docs/design/issue9-interfaces.md ("service.py, api.py, cli").
-The last test runs real replicas on a real etcd (tests/conftest.py's `etcd_server`) when
-`starmesh control-plane` has the HA options; it skips otherwise.
+The last test runs real replicas on a real etcd (tests/conftest.py's `etcd_server`,
+tests/cli/conftest.py's `control_planes.replicas`).
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
 
@@ -36,19 +34,8 @@ STARMESH = Path(sys.executable).with_name("starmesh")
 BUNDLE = "sha256:" + "ab" * 32
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner(env={"NO_COLOR": "1", "FORCE_COLOR": None, "NO_PROXY": "*", "no_proxy": "*"})
-
-
 def run(runner: CliRunner, *args: str) -> Result:
     return runner.invoke(main, list(args), catch_exceptions=False)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def replica(rid: str, role: str, seen_at: str = "2020-01-01T00:00:00.000Z") -> dict[str, Any]:
@@ -198,8 +185,8 @@ def test_an_ill_typed_control_plane_is_not_a_status(runner: CliRunner, fake_serv
 # -- several --control-plane URLs ---------------------------------------------------------------
 
 
-def test_a_replica_that_is_down_is_skipped(runner: CliRunner, fake_server: Callable[..., Any]) -> None:
-    down = f"http://127.0.0.1:{closed_port()}"
+def test_a_replica_that_is_down_is_skipped(runner: CliRunner, fake_server: Callable[..., Any], h: Any) -> None:
+    down = f"http://127.0.0.1:{h.closed_port()}"
     url, seen = serve(fake_server, document())
     result = run(runner, "status", "--control-plane", down, "--control-plane", url)
     assert result.exit_code == 0, result.output
@@ -228,8 +215,8 @@ def test_an_erroring_replica_is_skipped_and_the_first_that_answers_wins(
     assert (sick_seen, good_seen, spare_seen) == (["/v1/status"], ["/v1/status"], [])
 
 
-def test_when_no_replica_answers_every_reason_is_given(runner: CliRunner, fake_server: Callable[..., Any]) -> None:
-    down = f"http://127.0.0.1:{closed_port()}"
+def test_when_no_replica_answers_every_reason_is_given(runner: CliRunner, fake_server: Callable[..., Any], h: Any) -> None:
+    down = f"http://127.0.0.1:{h.closed_port()}"
     garbage, _ = serve(fake_server, b"<html>hello</html>")
     result = run(runner, "status", "--control-plane", down, "--control-plane", garbage)
     assert result.exit_code == 2
@@ -284,35 +271,20 @@ def test_watch_stays_with_the_replica_that_answered(fake_server: Callable[..., A
 # -- real replicas on a real etcd --------------------------------------------------------------
 
 
-def _has_ha_options() -> bool:
-    shown = subprocess.run([str(STARMESH), "control-plane", "--help"], capture_output=True, text=True, timeout=DEADLINE)
-    return all(option in shown.stdout for option in ("--store", "--replica-id", "--leader-ttl"))
-
-
 def test_status_of_real_replicas(
     runner: CliRunner, tmp_path: Path, control_planes: Any, h: Any, etcd_server: Any
 ) -> None:
-    if not _has_ha_options():
-        pytest.skip("starmesh control-plane has no --replica-id/--leader-ttl yet (HA wiring, issue 9)")
     repo = h.make_repo(tmp_path / "repo")
     h.commit(repo, 'mesh(name = "shop")\nservice(name = "web")\n', "first")
     key, _ = generate_keypair(tmp_path / "keys")
-    planes = []
-    for rid in ("r1", "r2"):  # each advertises its bound --listen address (the default)
-        plane = control_planes.start([
-            "--repo", str(repo), "--key", str(key), "--state-dir", str(tmp_path / rid), "--listen", "127.0.0.1:0",
-            "--store", etcd_server.url, "--replica-id", rid, "--leader-ttl", "2",
-        ])  # fmt: skip
-        plane.wait_listening()
-        planes.append(plane)
-        if rid == "r1":
-            plane.wait_status(lambda d: (d.get("control_plane") or {}).get("role") == "leader", "r1 leading")
+    # r1 leads; each advertises its bound --listen address (the default)
+    planes = control_planes.replicas(("r1", "r2"), repo=repo, key=key, store=etcd_server.url, state=tmp_path)
     follower = planes[1]
     follower.wait_status(  # a replica's record follows its role within ttl/3
         lambda d: {r["id"]: r["role"] for r in (d.get("control_plane") or {}).get("replicas", [])} == {"r1": "leader", "r2": "follower"},
         "both replicas, r1 as leader",
     )
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{h.closed_port()}"
 
     result = run(runner, "status", "--control-plane", down, "--control-plane", follower.url)
     assert result.exit_code == 0, result.output

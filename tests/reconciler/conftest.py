@@ -7,6 +7,8 @@ so the helpers come as one object (as tests/runtime/e2e/conftest.py's `h` does):
     h.commit(repo, {name: text})      write, add and commit files; the new commit's sha
     h.git(repo, *args)                git in that repo; its stdout, stripped
     h.policy(to, expect=)             mesh.star for service `api` routed to `to` (golden request too)
+    h.rollout_policy(v1, percent=...) mesh.star for `reviews`, v1% to v1, the rest to v2, rolled out
+                                      through percent% canaries (bake=, max_failures= too)
     h.keys(directory)                 a new Ed25519 key pair: .private/.public paths, .signer(), .trusted()
     h.compile_policy(root, text)      root/mesh.star compiled: the bundle's bytes
     h.Clock(now)                      a clock the test moves by hand (`clock.now += ...`)
@@ -46,6 +48,13 @@ http_route("api", rules = [rule(backends = {{"{to}": 100}})])
 request_test(name = "default route", service = "api", backends = "{expect}")
 """
 
+ROLLOUT_POLICY = """\
+mesh(name = "shop", mtls = "disable",
+     rollout = rollout(canary_percent = {percent}, bake = "{bake}", max_failures = {max_failures}))
+service(name = "reviews", versions = ["v1", "v2"])
+http_route("reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
+"""
+
 T = TypeVar("T")
 
 
@@ -81,6 +90,12 @@ def commit(repo: Path, files: dict[str, str], *, branch: str | None = None) -> s
 def policy(to: str, expect: str | None = None) -> str:
     """Service `api` routed wholly to version `to`; its golden request expects `expect` (`to`)."""
     return POLICY.format(to=to, expect=expect or to)
+
+
+def rollout_policy(v1: int, *, percent: int, bake: str = "0s", max_failures: int = 0) -> str:
+    """Service `reviews` with v1% of its traffic on v1 and the rest on v2, released to
+    `percent`% canaries first, baking for `bake`, failing after `max_failures` NACKs."""
+    return ROLLOUT_POLICY.format(percent=percent, bake=bake, max_failures=max_failures, v1=v1, v2=100 - v1)
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,7 @@ class Helpers:
     make_repo = staticmethod(make_repo)
     commit = staticmethod(commit)
     policy = staticmethod(policy)
+    rollout_policy = staticmethod(rollout_policy)
     keys = staticmethod(keys)
     compile_policy = staticmethod(compile_policy)
     until = staticmethod(until)

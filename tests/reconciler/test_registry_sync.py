@@ -27,12 +27,6 @@ from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.registry_sync import PROXIES_PREFIX, RegistrationRecord, RegistrySync
 from starmesh.reconciler.rollout import Rollout, RolloutPolicy
 
-POLICY = """\
-mesh(name = "shop", mtls = "disable",
-     rollout = rollout(canary_percent = {percent}, bake = "0s", max_failures = 0))
-service(name = "reviews", versions = ["v1", "v2"])
-http_route("reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
-"""
 LIVE = ["p1", "p2", "p3", "p4"]
 
 
@@ -78,14 +72,14 @@ def replicas(etcd_server: Any, tmp_path: Path, h: Any) -> Callable[[], Any]:
 
         async def start(
             name: str, *, writable: bool = False, forget_after: float = 600.0, ttl: float = 30.0,
-            clock: Callable[[], float] = time.monotonic, wrap: Callable[[EtcdStore], Any] = lambda s: s, **sync: Any,
+            clock: Callable[[], float] = time.monotonic, wrap: Callable[[EtcdStore], Any] = lambda s: s, **sync_options: Any,
         ) -> Replica:  # fmt: skip
             store = EtcdStore(parse_etcd_url(etcd_server.url), timeout=2.0, probe_interval=0.2)
             await asyncio.to_thread(store.start)
             registry = Registry(ttl=ttl, forget_after=forget_after, warmup=0, clock=clock)
             ledger = Ledger(store)
             rollout = Rollout(ledger, Issuer(ledger, signer), registry, writable=writable)
-            sync = RegistrySync(wrap(store), registry, rollout, name, **sync)
+            sync = RegistrySync(wrap(store), registry, rollout, name, **sync_options)
             replica = Replica(name, store, registry, ledger, rollout, sync)
             started.append(replica)
             sync.start(asyncio.get_running_loop())
@@ -109,7 +103,7 @@ def put_record(store: EtcdStore, proxy_id: str, *, age: float, replica: str = "e
 
 
 def issue(tmp: Path, h: Any, leader: Replica, v1: int, percent: int = 0) -> ReleaseRecord:
-    data = h.compile_policy(tmp / f"policy-{v1}-{percent}", POLICY.format(percent=percent, v1=v1, v2=100 - v1))
+    data = h.compile_policy(tmp / f"policy-{v1}-{percent}", h.rollout_policy(v1, percent=percent))
     record = leader.rollout.issuer.issue(leader.ledger.put_bundle(data), commit=f"commit-{v1}", reason="commit")
     leader.rollout.start(record, RolloutPolicy.from_bundle(data))
     return record

@@ -22,12 +22,6 @@ from starmesh.reconciler.registry import Registry
 from starmesh.reconciler.rollout import Rollout, RolloutPolicy
 from starmesh.reconciler.store import FileStore
 
-POLICY = """\
-mesh(name = "shop", mtls = "disable",
-     rollout = rollout(canary_percent = {percent}, bake = "{bake}", max_failures = {max_failures}))
-service(name = "reviews", versions = ["v1", "v2"])
-http_route("reviews", rules = [rule(backends = {{"v1": {v1}, "v2": {v2}}})])
-"""
 LIVE = ["p1", "p2", "p3", "p4"]
 
 
@@ -46,7 +40,7 @@ class Pair:
 
     def issue(self, v1: int, percent: int = 0, bake: str = "0s", max_failures: int = 0) -> tuple[ReleaseRecord, RolloutPolicy]:
         root = self.tmp / f"policy-{v1}-{percent}-{bake}-{max_failures}"
-        text = POLICY.format(percent=percent, bake=bake, max_failures=max_failures, v1=v1, v2=100 - v1)
+        text = self.h.rollout_policy(v1, percent=percent, bake=bake, max_failures=max_failures)
         data = self.h.compile_policy(root, text)
         return self.issuer.issue(self.ledger.put_bundle(data), commit=f"commit-{v1}", reason="commit"), \
             RolloutPolicy.from_bundle(data)  # fmt: skip
