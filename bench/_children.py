@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BenchError", "Children", "free_port", "git", "policy_repo", "start_etcd", "starmesh", "wait_line"]
+__all__ = ["BenchError", "Children", "free_port", "git", "policy_repo", "start_etcd", "starmesh", "stop_groups", "wait_line"]
 
 
 class BenchError(Exception):
@@ -52,25 +53,31 @@ class Children:
         return proc, log
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=5)
+        stop_groups(self.procs, grace=15)
         self.procs.clear()
+
+
+def stop_groups(procs: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
+    """End each process's group, in the order given: SIGTERM to all, up to `grace` seconds
+    for them to exit, then SIGKILL to each group (a child's own children too)."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout=5)
 
 
 def wait_line(log: Path, proc: subprocess.Popen[bytes], prefix: str, timeout: float) -> str:

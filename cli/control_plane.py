@@ -15,7 +15,7 @@ import click
 
 from starmesh.cli.compile import ENTRY_HELP
 from starmesh.cli.errors import InputError
-from starmesh.cli.options import make_state_dir
+from starmesh.cli.options import file_option, make_state_dir, seconds_option
 
 __all__ = ["control_plane_command", "parse_ttl"]
 
@@ -116,13 +116,7 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
 @click.command("control-plane")
 @click.option("--repo", required=True, metavar="PATH_OR_URL", help="The policy repository: a local path or a Git URL.")
 @click.option("--branch", default="main", show_default=True, metavar="NAME", help="The branch to follow.")
-@click.option(
-    "--key",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="Ed25519 signing key, PEM PKCS#8 (`starmesh keygen`).",
-)
+@file_option("--key", "Ed25519 signing key, PEM PKCS#8 (`starmesh keygen`).", required=True)
 @click.option(
     "--state-dir",
     required=True,
@@ -133,20 +127,19 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Address of the proxy API (port 0: any free port).")
 @click.option("--subdir", default="", metavar="DIR", help="The policy root inside the repository.")
 @click.option("--entry", default="mesh.star", show_default=True, metavar="FILE", help=ENTRY_HELP)
-@click.option(
+@seconds_option(
     "--poll-interval",
-    type=click.FloatRange(min=0.1, max=3600),
-    metavar="SECONDS",
-    help="Seconds between reads of the branch [default: 10 for a local repo (a safety net: "
+    0.1,
+    3600,
+    "Seconds between reads of the branch [default: 10 for a local repo (a safety net: "
     "ref changes are watched), 15 for a URL (fetched; failures back off up to 300)].",
 )
-@click.option(
+@seconds_option(
     "--proxy-ttl",
-    type=click.FloatRange(min=1, max=86400),
+    1,
+    86400,
+    "A proxy without a heartbeat for this long is stale (heartbeats every third of it).",
     default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A proxy without a heartbeat for this long is stale (heartbeats every third of it).",
 )
 @click.option(
     "--release-ttl",
@@ -193,33 +186,20 @@ def _check_identity(ca: Path | None, join_token: str | None, cert_lifetime: str 
     help="Where the other replicas reach this one (followers forward rollbacks to the leader) "
     "[default: http(s)://the bound --listen address]. Needs --store.",
 )
-@click.option(
+@seconds_option(
     "--leader-ttl",
-    type=click.FloatRange(min=1.0, max=300.0),
+    1.0,
+    300.0,
+    "The leader's etcd lease: a dead leader is replaced within about this long. Needs --store.",
     default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="The leader's etcd lease: a dead leader is replaced within about this long. Needs --store.",
 )
-@click.option(
+@file_option(
     "--store-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="PEM CA certificate(s) that signed etcd's server certificates: reach every etcd member "
+    "PEM CA certificate(s) that signed etcd's server certificates: reach every etcd member "
     "over HTTPS and check it against them. Needs --store.",
 )
-@click.option(
-    "--store-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="PEM client certificate for etcd's --client-cert-auth (with --store-key). Needs --store.",
-)
-@click.option(
-    "--store-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="The PEM private key of --store-cert (unencrypted). Needs --store.",
-)
+@file_option("--store-cert", "PEM client certificate for etcd's --client-cert-auth (with --store-key). Needs --store.")
+@file_option("--store-key", "The PEM private key of --store-cert (unencrypted). Needs --store.")
 def control_plane_command(
     repo: str,
     branch: str,

@@ -2,9 +2,11 @@
 
     ca_cert_option                         `status`, `rollback`: how to trust the control plane
                                            (the URLs: cli/control_planes.py)
+    file_option(name, help_text)           `NAME FILE`: a file the command reads (`--key`, `--store-ca`)
     format_option(help_text)               `--format text|json` (`lint` adds `github`)
     load_public_keys(paths, where=)        `proxy --trust`, `verify --key`: Ed25519 public keys
     make_state_dir(path)                   `proxy`, `control-plane`: `--state-dir`, created if missing
+    seconds_option(name, low, high, ...)   `NAME SECONDS` from low to high (`--leader-ttl`)
 
 A decorator here is one `click.option`; commands stack them in their own order (the
 order `--help` shows). Checks raise `InputError` (exit 2) saying which option is wrong.
@@ -24,16 +26,33 @@ from starmesh.cli.errors import InputError
 if TYPE_CHECKING:
     from starmesh.bundle.keys import PublicKey
 
-__all__ = ["ca_cert_option", "format_option", "load_public_keys", "make_state_dir"]
+__all__ = [
+    "ca_cert_option",
+    "file_option",
+    "format_option",
+    "load_public_keys",
+    "make_state_dir",
+    "seconds_option",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-ca_cert_option = click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="For an https:// control plane: the mesh root certificate to trust.",
-)
+
+def file_option(name: str, help_text: str, **more: Any) -> Callable[[_F], _F]:
+    """`NAME FILE`, a path (not a directory); the command reads and checks the file itself,
+    so its message can say what the file should hold. `more`: e.g. required, multiple."""
+    return click.option(name, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help=help_text, **more)
+
+
+def seconds_option(
+    name: str, low: float, high: float, help_text: str, *, default: float | None = None
+) -> Callable[[_F], _F]:
+    """`NAME SECONDS`, a number from `low` to `high`; `default`, when given, shows in `--help`."""
+    shown: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
+    return click.option(name, type=click.FloatRange(min=low, max=high), metavar="SECONDS", help=help_text, **shown)
+
+
+ca_cert_option = file_option("--ca-cert", "For an https:// control plane: the mesh root certificate to trust.")
 """`--ca-cert FILE` (the parameter is `ca_cert`)."""
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import click
 
 from starmesh.cli.errors import InputError
-from starmesh.cli.options import load_public_keys, make_state_dir
+from starmesh.cli.options import file_option, load_public_keys, make_state_dir, seconds_option
 
 __all__ = ["proxy_command"]
 
@@ -160,18 +160,13 @@ def _otlp_endpoint(value: str | None) -> str | None:
     metavar="URL",
     help="The control plane, http(s)://host:port; repeat for failover across replicas.",
 )
-@click.option(
+@file_option(
     "--trust",
+    "With --control-plane: a trusted release signing key (PEM signing.pub); repeat while rotating keys.",
     multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="With --control-plane: a trusted release signing key (PEM signing.pub); repeat while rotating keys.",
 )
-@click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="With --control-plane: the mesh root (ca.crt); the proxy gets a workload certificate and uses mTLS.",
+@file_option(
+    "--ca-cert", "With --control-plane: the mesh root (ca.crt); the proxy gets a workload certificate and uses mTLS."
 )
 @click.option(
     "--join-token",
@@ -185,13 +180,12 @@ def _otlp_endpoint(value: str | None) -> str | None:
     metavar="BYTES",
     help="Answer 413 to request bodies larger than this (default: no limit; bodies are streamed).",
 )
-@click.option(
+@seconds_option(
     "--header-timeout",
-    type=click.FloatRange(min=0.001, max=3600),
+    0.001,
+    3600,
+    "Answer 408 and close when a request head takes longer than this (slowloris).",
     default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Answer 408 and close when a request head takes longer than this (slowloris).",
 )
 @click.option(
     "--access-log",

@@ -31,10 +31,8 @@ runs on the event loop, once per change of role; each change is logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from starmesh.reconciler.errors import NotLeader, StoreError
 from starmesh.reconciler.model import utc_now
-from starmesh.reconciler.replicas import check_replica_id, lease_seconds, pause, revoke_quietly
+from starmesh.reconciler.replicas import LeasedPart, pause, revoke_quietly
 from starmesh.reconciler.watch import backoff_delay
 
 if TYPE_CHECKING:
@@ -91,7 +89,7 @@ class _Term:
     renewed: float
 
 
-class LeaderElection:
+class LeaderElection(LeasedPart):
     """Campaign for the `leader` key, keep it while the lease lives, step down in time."""
 
     def __init__(
@@ -104,23 +102,17 @@ class LeaderElection:
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.replica_id = check_replica_id(replica_id)
-        self.url = url
-        self.ttl = lease_seconds(ttl)
+        super().__init__(store, replica_id, url, ttl)
         margin = max(self.ttl / 3, min(1.0, self.ttl / 2))
         self.valid_for = self.ttl - margin
         self.renew_every = self.valid_for / 3
-        self._store = store
         self._on_change = on_change
         self._clock = clock
         self._term: _Term | None = None  # replaced whole: fence() reads it from any thread
         self._leading = False
         self._campaign_lease: int | None = None  # granted, not yet known to be a term's
         self._resigned = False
-        self._wake = asyncio.Event()  # the `leader` key changed in the mirror
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = False
-        self._rng = random.Random()
 
     @property
     def is_leader(self) -> bool:
@@ -179,10 +171,8 @@ class LeaderElection:
         await revoke_quietly(self._store, lease, f"replica {self.replica_id}", log)
 
     def _key_changed(self, key: str, _value: bytes | None) -> None:  # on the store's thread
-        loop = self._loop
-        if key == LEADER_KEY and loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody campaigns
-                loop.call_soon_threadsafe(self._wake.set)
+        if key == LEADER_KEY:
+            self._wake_soon()  # the `leader` key changed in the mirror
 
     async def _follow(self, stop: asyncio.Event) -> None:
         """Campaign until this replica leads (then return), `stop`, or resign."""

@@ -24,8 +24,9 @@ Nothing can stop a replica started with other flags, so each one compares its ow
 with every live replica's (at each refresh, and when asked) and says so: `problems()`
 lists each difference (in `/v1/status` under `control_plane.problems`) and each new one
 is logged once, as an error. A record without these fields (an older replica) is not
-compared. This module also holds the two checks the election shares: a replica id, and
-a lease ttl in whole seconds.
+compared. This module also holds what the election shares: the checks of a replica id
+and of a lease ttl (whole seconds), the state both keep (`LeasedPart`), and the lease
+chores (`pause`, `revoke_quietly`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from starmesh.reconciler.watch import backoff_delay
 if TYPE_CHECKING:
     from starmesh.reconciler.etcd_store import EtcdStore
 
-__all__ = ["REPLICAS_PREFIX", "ReplicaInfo", "ReplicaSet", "check_replica_id", "lease_seconds"]
+__all__ = ["REPLICAS_PREFIX", "LeasedPart", "ReplicaInfo", "ReplicaSet", "check_replica_id", "lease_seconds"]
 
 log = logging.getLogger("starmesh.control_plane.replicas")
 
@@ -131,7 +132,31 @@ def _seconds_ago(stamp: str, now: float) -> float | None:
     return round(max(0.0, now - then), 3)
 
 
-class ReplicaSet:
+class LeasedPart:
+    """What a replica's record (`ReplicaSet`) and its election (election.py) have alike: who
+    the replica is (a checked `replica_id`, its `url`), a lease `ttl` in whole seconds, the
+    store, and `_wake`, which etcd's watch thread or any caller sets through `_wake_soon`
+    to cut short the part's `pause` on the loop that runs it (`_loop`, set by `run`)."""
+
+    def __init__(self, store: EtcdStore, replica_id: str, url: str, ttl: float) -> None:
+        self.replica_id = check_replica_id(replica_id)
+        self.url = url
+        self.ttl = lease_seconds(ttl)
+        self._store = store
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rng = random.Random()
+
+    def _wake_soon(self) -> None:
+        """Set `_wake` from any thread; nothing before `run` (no loop yet) or after the loop
+        closed, since nobody waits then."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
+
+class ReplicaSet(LeasedPart):
     """This replica's own record, kept alive on its lease, and everyone's records from the mirror."""
 
     def __init__(
@@ -146,21 +171,15 @@ class ReplicaSet:
         repo: str | None = None,
         branch: str | None = None,
     ) -> None:
-        self.replica_id = check_replica_id(replica_id)
+        super().__init__(store, replica_id, url, ttl)
         self.signing_key, self.repo, self.branch = key, repo, branch
         self._told: set[str] = set()  # the problems logged, so each is logged once
-        self.url = url
-        self.ttl = lease_seconds(ttl)
         self.key = REPLICAS_PREFIX + replica_id
         self.started_at = utc_now()
-        self._store = store
         self._role = role
         self._every = self.ttl / 3
         self._lease: int | None = None
         self._left = False
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._rng = random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Write the record and rewrite it every ttl/3 until `stop` (or `leave`); etcd
@@ -185,10 +204,7 @@ class ReplicaSet:
 
     def refresh(self) -> None:
         """Rewrite the record now rather than at the next tick (the role changed); any thread."""
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs to refresh
-                loop.call_soon_threadsafe(self._wake.set)
+        self._wake_soon()
 
     def replicas(self) -> list[ReplicaInfo]:
         """Every live replica's record (from the mirror), sorted by id; records that do

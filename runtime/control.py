@@ -49,7 +49,7 @@ from starmesh.runtime.control_endpoints import EndpointsFollower
 from starmesh.runtime.control_report import Reporter
 from starmesh.runtime.errors import ControlPlaneError, RejectReason, ResponseTooLarge
 
-__all__ = ["ControlLimits", "ControlPlaneClient", "ControlPlaneSettings"]
+__all__ = ["ControlLimits", "ControlPlaneClient", "ControlPlaneSettings", "poll_releases"]
 
 log = logging.getLogger("starmesh.proxy")
 
@@ -66,6 +66,51 @@ async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
         except Exception:
             log.exception("the control-plane %s loop failed (a proxy bug); restarting it in 1 s", name)
             await asyncio.sleep(1.0)
+
+
+async def poll_releases(
+    channel: Channel,
+    rng: random.Random,
+    *,
+    after: Callable[[], int],
+    on_release: Callable[[str, Answer], Awaitable[bool]],
+    on_too_large: Callable[[str], Awaitable[None]],
+) -> None:
+    """The release long-poll (the module docstring's `release` loop), for good.
+
+    Asks the current target for a release newer than `after()`; `on_release(url, answer)`
+    takes a 200 and says whether it acted (applied, or NACKed and waited); `on_too_large`
+    NACKs an envelope over the byte cap. Failures move to the next URL and back off, and so
+    does an answer at once with nothing to do, so a broken control plane cannot spin the
+    caller. The proxy runs it, and so do the fleet's simulated proxies (fleet_proxy.py)."""
+    limits = channel.limits
+    backoff = Backoff(limits.backoff_base, limits.backoff_cap, rng)
+    loop = asyncio.get_running_loop()
+    while True:
+        url = channel.targets.current
+        params = {"after": str(after()), "proxy": channel.settings.proxy_id, "wait": f"{limits.wait_seconds:g}"}
+        asked = loop.time()
+        try:
+            answer = await channel.request("GET", url + "/v1/release", params=params, cap=limits.envelope_bytes,
+                                           deadline=limits.wait_seconds + limits.poll_slack_seconds, what="release")
+        except ResponseTooLarge as exc:
+            channel.targets.succeeded(url)
+            await on_too_large(f"release refused: {exc}")
+            continue
+        except ControlPlaneError as exc:
+            channel.targets.failed(url, str(exc))
+            await asyncio.sleep(backoff.next())
+            continue
+        if answer.status not in (200, 204):
+            channel.targets.failed(url, f"release from {url}: HTTP {answer.status}: {snippet(answer.body)}")
+            await asyncio.sleep(backoff.next())
+            continue
+        channel.targets.succeeded(url)
+        acted = answer.status == 200 and await on_release(url, answer)
+        if not acted and loop.time() - asked < limits.quick_answer_seconds:
+            await asyncio.sleep(backoff.next())  # answered at once with nothing to do: do not spin
+        else:
+            backoff.reset()
 
 
 class ControlPlaneClient:
@@ -135,42 +180,17 @@ class ControlPlaneClient:
             why += f"; the last one was refused: {refused.error}"
         return why
 
-    async def _pause(self, backoff: Backoff) -> None:
-        await asyncio.sleep(backoff.next())
-
     # -- releases ------------------------------------------------------------------
 
     async def _release_loop(self) -> None:
-        limits = self.limits
-        backoff = Backoff(limits.backoff_base, limits.backoff_cap, self._rng)
-        loop = asyncio.get_running_loop()
-        while True:
-            url = self.targets.current
+        def after() -> int:
             applied = self.applier.applied
-            after = applied.release_version if applied is not None and applied.release_version is not None else 0
-            params = {"after": str(after), "proxy": self.settings.proxy_id, "wait": f"{limits.wait_seconds:g}"}
-            asked = loop.time()
-            try:
-                answer = await self.channel.request("GET", url + "/v1/release", params=params, cap=limits.envelope_bytes,
-                                             deadline=limits.wait_seconds + limits.poll_slack_seconds, what="release")
-            except ResponseTooLarge as exc:
-                self.targets.succeeded(url)
-                await self._refuse(None, None, f"release refused: {exc}", "release-refused")
-                continue
-            except ControlPlaneError as exc:
-                self.targets.failed(url, str(exc))
-                await self._pause(backoff)
-                continue
-            if answer.status not in (200, 204):
-                self.targets.failed(url, f"release from {url}: HTTP {answer.status}: {snippet(answer.body)}")
-                await self._pause(backoff)
-                continue
-            self.targets.succeeded(url)
-            acted = answer.status == 200 and await self._on_release(url, answer)
-            if not acted and loop.time() - asked < limits.quick_answer_seconds:
-                await self._pause(backoff)  # answered at once with nothing to do: do not spin
-            else:
-                backoff.reset()
+            return applied.release_version if applied is not None and applied.release_version is not None else 0
+
+        async def too_large(error: str) -> None:
+            await self._refuse(None, None, error, "release-refused")
+
+        await poll_releases(self.channel, self._rng, after=after, on_release=self._on_release, on_too_large=too_large)
 
     async def _on_release(self, url: str, answer: Answer) -> bool:
         """Verify, fetch, apply, report. True when it was acted on: applied, or refused (and the

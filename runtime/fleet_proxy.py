@@ -1,10 +1,10 @@
 """One simulated proxy: the control channel of `starmesh proxy`, and nothing else.
 
 A `SimulatedProxy` speaks to the control plane exactly as a proxy's control-plane client
-(control.py, control_report.py) does, with the proxy's own pieces: `Channel.request`
-(byte caps, deadlines), `Targets` (failover across the `--control-plane` URLs), `Backoff`
-(jittered), `Reporter` (heartbeats and ACK/NACK reports), `verify_release` (signature,
-payload type, trusted key, version, expiry):
+(control.py, control_report.py) does, with the proxy's own pieces: `poll_releases` (the
+release long-poll), `Channel.request` (byte caps, deadlines), `Targets` (failover across
+the `--control-plane` URLs), `Backoff` (jittered), `Reporter` (heartbeats and ACK/NACK
+reports), `verify_release` (signature, payload type, trusted key, version, expiry):
 
     heartbeat  POST /v1/proxies/ID {service, version, address, release_version, bundle,
                requests_total: 0} every `heartbeat_seconds` the answer names (Reporter;
@@ -42,9 +42,10 @@ import aiohttp
 from starmesh.bundle.canonical import digest_of
 from starmesh.bundle.errors import BundleError
 from starmesh.bundle.release import verify_release
+from starmesh.runtime.control import poll_releases
 from starmesh.runtime.control_http import Answer, Backoff, Channel, ControlPlaneSettings, snippet
 from starmesh.runtime.control_report import Reporter
-from starmesh.runtime.errors import ControlPlaneError, ResponseTooLarge
+from starmesh.runtime.errors import ControlPlaneError
 
 __all__ = ["KNOWN_DIGESTS", "ProxySnapshot", "SimulatedProxy"]
 
@@ -166,35 +167,11 @@ class SimulatedProxy:
     # -- releases ----------------------------------------------------------------------
 
     async def _release_loop(self) -> None:
-        limits = self.limits
-        backoff = Backoff(limits.backoff_base, limits.backoff_cap, self._rng)
-        loop = asyncio.get_running_loop()
-        while True:
-            url = self.targets.current
-            params = {"after": str(self.release_version or 0), "proxy": self.id, "wait": f"{limits.wait_seconds:g}"}
-            asked = loop.time()
-            try:
-                answer = await self.channel.request("GET", url + "/v1/release", params=params, cap=limits.envelope_bytes,
-                                                    deadline=limits.wait_seconds + limits.poll_slack_seconds,
-                                                    what="release")  # fmt: skip
-            except ResponseTooLarge as exc:
-                self.targets.succeeded(url)
-                await self._nack(None, None, f"release refused: {exc}")
-                continue
-            except ControlPlaneError as exc:
-                self.targets.failed(url, str(exc))
-                await asyncio.sleep(backoff.next())
-                continue
-            if answer.status not in (200, 204):
-                self.targets.failed(url, f"release from {url}: HTTP {answer.status}: {snippet(answer.body)}")
-                await asyncio.sleep(backoff.next())
-                continue
-            self.targets.succeeded(url)
-            acted = answer.status == 200 and await self._on_release(url, answer)
-            if not acted and loop.time() - asked < limits.quick_answer_seconds:
-                await asyncio.sleep(backoff.next())  # answered at once with nothing to do: do not spin
-            else:
-                backoff.reset()
+        async def too_large(error: str) -> None:
+            await self._nack(None, None, error)
+
+        await poll_releases(self.channel, self._rng, after=lambda: self.release_version or 0,
+                            on_release=self._on_release, on_too_large=too_large)  # fmt: skip
 
     async def _on_release(self, url: str, answer: Answer) -> bool:
         """Verify, fetch, check, ACK; True when acted on (applied or NACKed)."""

@@ -26,4 +26,5 @@ def _running_with(text: str) -> list[str]:
 
 @pytest.fixture
 def running_with() -> Callable[[str], list[str]]:
+    """`running_with(text)`: the command lines of live processes that mention `text`."""
     return _running_with
